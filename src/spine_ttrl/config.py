@@ -1,0 +1,327 @@
+"""Configuration: dataclasses grouped by concern, presets, TOML files and the generated CLI.
+
+Every setting is a dataclass field documented exactly once, in its ``metadata["help"]``;
+``spine-ttrl adapt --help`` and docs are generated from these. Precedence, lowest first:
+field default < preset < ``--config`` TOML file < explicit command-line flags.
+
+Presets (``--preset``):
+
+- ``ttrl``: every completion token is trained, no band (TTRL).
+- ``spine``: SPINE v1 — top 20 % tokens by entropy over the whole batch, band [Q10, Q50].
+- ``spine-v2``: Otsu selection per response, median/MAD band.
+- ``none``: no training, evaluation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _f(default, help: str, choices: tuple | None = None, **kw):
+    """A dataclass field whose one-line documentation becomes its ``--help`` text."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = _f(None, "HF model id, local directory or .gguf file; empty = the embedded SmolLM2-135M-Instruct.")
+    lora_r: int = _f(0, "LoRA rank (PEFT); 0 trains the full model.")
+    lora_alpha: float = _f(32.0, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target: str = _f("all-linear", "LoRA target modules: 'all-linear' or a comma-separated list of module names.")
+    precision: str = _f("auto", "Compute precision: 'auto' = bf16 autocast where the CPU/GPU supports bf16, else fp32; weights stay fp32.", ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class DataConfig:
+    data: str = _f("arith:2:24:0", "Questions: a .json/.jsonl/.csv file, a saved HF dataset directory, or 'arith:<level>[:<count>[:<seed>]]'.")
+    task: str = _f("auto", "Answer type: 'math' (boxed/number answers), 'choice' (option letters), 'auto' (choice if answers are letters or a choices column exists).", ("auto", "math", "choice"))
+    limit: int = _f(0, "Use only the first N questions (0 = all).")
+    max_prompt_tokens: int = _f(1024, "Longest prompt (chat-formatted, in tokens) accepted.")
+    long_prompts: str = _f("skip", "What to do with prompts over max_prompt_tokens: skip them, truncate (keep the last tokens) or error.", ("skip", "truncate", "error"))
+    system_prompt: str = _f("", "Optional system message prepended to every chat prompt.")
+
+
+@dataclass
+class SamplingConfig:
+    num_votes: int = _f(8, "Completions sampled per question for the majority vote.")
+    num_train_samples: int = _f(8, "Completions per question kept for the update (random subset of the votes, chosen before any forward pass).")
+    max_new_tokens: int = _f(160, "Longest completion, in tokens.")
+    temperature: float = _f(1.0, "Sampling temperature for the votes; training log-probs and entropies use logits / temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold for the votes.")
+    sample_batch_size: int = _f(64, "Rows generated at once (memory bound).")
+
+
+@dataclass
+class SpineConfig:
+    selection: str = _f("top", "Which completion tokens get the policy gradient: all, top (top-rho entropy, v1) or otsu (v2).", ("all", "top", "otsu"))
+    rho: float = _f(0.2, "Fraction of tokens selected by 'top' selection.")
+    scope: str = _f("batch", "Pool over which 'top' selection ranks entropies: the optimiser batch, each question group, or each response.", ("batch", "group", "response"))
+    band: str = _f("quantile", "Entropy band on forking tokens: none, quantile ([Q_low, Q_high], v1) or mad (median/MAD, v2).", ("none", "quantile", "mad"))
+    band_low_q: float = _f(0.1, "Lower band quantile (band=quantile).")
+    band_high_q: float = _f(0.5, "Upper band quantile (band=quantile).")
+    beta_low: float = _f(1.0, "Band weight for forking tokens below the band (pushes entropy up).")
+    beta_up: float = _f(1.0, "Band weight for forking tokens above the band (pushes entropy down).")
+    kl_coef: float = _f(0.0, "Coefficient of the k3 KL to the frozen initial model (0 = off, no reference model kept).")
+    kl_tokens: str = _f("selected", "Tokens the KL is computed on: the selected (forking) tokens or all completion tokens.", ("selected", "all"))
+
+
+@dataclass
+class OptimConfig:
+    steps: int = _f(4, "Optimiser batches (adaptation steps) to run.")
+    questions_per_step: int = _f(6, "Questions sampled per step (optimiser batch = questions x num_train_samples completions).")
+    micro_batch_size: int = _f(16, "Completions per forward/backward pass (gradient accumulation over the optimiser batch).")
+    updates_per_batch: int = _f(1, "Optimiser updates on each sampled batch (PPO epochs); > 1 makes the ratio differ from 1 so the clip acts.")
+    lr: float = _f(2e-5, "AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    schedule: str = _f("constant", "Learning-rate schedule after warm-up.", ("constant", "cosine"))
+    clip_eps: float = _f(0.2, "PPO clip range epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    logit_chunk_size: int = _f(512, "Rows per chunk in the chunked log-prob/entropy computation (bounds logits memory).")
+
+
+@dataclass
+class EvalConfig:
+    eval_every: int = _f(0, "Evaluate every N steps during adaptation (0 = only before and after).")
+    eval_limit: int = _f(0, "Evaluate on the first N questions only (0 = all adapted questions).")
+    eval_samples: int = _f(4, "Samples per question for avg@k, maj@k and pass@k (0 = greedy only).")
+    eval_temperature: float = _f(0.6, "Temperature of the sampled evaluation.")
+    eval_top_p: float = _f(0.95, "Top-p of the sampled evaluation.")
+    eval_max_new_tokens: int = _f(0, "Longest evaluation completion (0 = same as max_new_tokens).")
+    skip_eval_before: bool = _f(False, "Skip the evaluation before adaptation.")
+
+
+@dataclass
+class RunConfig:
+    out: str = _f("", "Run directory (default runs/<time>-<preset>).")
+    seed: int = _f(0, "Seed of the sampling, selection and evaluation random generators.")
+    threads: int = _f(0, "torch CPU threads (0 = torch's default).")
+    save_every: int = _f(0, "Save a checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = _f(2, "How many recent checkpoints to keep.")
+    resume: str = _f("", "Run directory of an interrupted run to continue.")
+    progress: bool = _f(True, "Show progress bars.")
+
+
+@dataclass
+class Config:
+    """All settings of an adaptation or evaluation run."""
+
+    preset: str = _f("spine", "Method preset: ttrl, spine (v1), spine-v2 or none (evaluation only).", ("ttrl", "spine", "spine-v2", "none"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    spine: SpineConfig = field(default_factory=SpineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        """Check cross-field constraints; raise ValueError with a one-line message."""
+        s, o = self.sampling, self.optim
+        checks = [
+            (s.num_votes >= 1, "num_votes must be >= 1"),
+            (1 <= s.num_train_samples <= s.num_votes, f"num_train_samples ({s.num_train_samples}) must be between 1 and num_votes ({s.num_votes})"),
+            (s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (s.temperature >= 0, "temperature must be >= 0"),
+            (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.spine.rho <= 1, "rho must be in [0, 1]"),
+            (0 <= self.spine.band_low_q <= self.spine.band_high_q <= 1, "need 0 <= band_low_q <= band_high_q <= 1"),
+            (o.steps >= 0, "steps must be >= 0"),
+            (o.questions_per_step >= 1, "questions_per_step must be >= 1"),
+            (o.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
+            (o.updates_per_batch >= 1, "updates_per_batch must be >= 1"),
+            (o.lr >= 0, "lr must be >= 0"),
+            (self.eval.eval_samples >= 0, "eval_samples must be >= 0"),
+            (self.model.lora_r >= 0, "lora_r must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.preset != "none" and s.temperature == 0:
+            raise ValueError("temperature 0 (greedy) gives identical votes: adaptation needs temperature > 0")
+        return self
+
+
+#: Preset overrides, applied over the defaults (section -> field -> value).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "ttrl": {"spine": {"selection": "all", "band": "none", "kl_tokens": "all"}},
+    "spine": {"spine": {"selection": "top", "rho": 0.2, "scope": "batch", "band": "quantile", "band_low_q": 0.1, "band_high_q": 0.5, "kl_tokens": "selected"}},
+    "spine-v2": {"spine": {"selection": "otsu", "band": "mad", "kl_tokens": "selected"}},
+    "none": {"optim": {"steps": 0}},
+}
+
+_SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "preset"]
+
+
+def _section_types() -> dict[str, type]:
+    hints = get_type_hints(Config)
+    return {name: hints[name] for name in _SECTIONS}
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "config") -> Config:
+    """Set fields from a nested mapping {section: {field: value}} (or top-level ``preset``).
+
+    Unknown sections or fields raise ValueError naming them and the ``source``.
+    """
+    for key, value in overrides.items():
+        if key == "preset":
+            cfg.preset = value
+            continue
+        if key not in _SECTIONS or not isinstance(value, dict):
+            raise ValueError(f"{source}: unknown section [{key}] (expected one of {', '.join(_SECTIONS)})")
+        section = getattr(cfg, key)
+        names = {f.name: f for f in dataclasses.fields(section)}
+        for fname, fval in value.items():
+            if fname not in names:
+                raise ValueError(f"{source}: unknown setting {key}.{fname}")
+            setattr(section, fname, _coerce(fval, type(section), fname, f"{source}: {key}.{fname}"))
+    return cfg
+
+
+def _coerce(value, cls, fname, where):
+    hint = get_type_hints(cls)[fname]
+    args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is not None else [hint]
+    target = args[0]
+    if value is None:
+        return None
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if target is str and isinstance(value, str):
+        return value
+    if isinstance(value, str):
+        try:
+            return target(value)
+        except ValueError:
+            pass
+    raise ValueError(f"{where}: expected {target.__name__}, got {value!r}")
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; a missing file or bad syntax raises ValueError (one line)."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: invalid TOML: {exc}") from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as a nested dict (None values dropped, so it can be written as TOML)."""
+    out: dict[str, Any] = {"preset": cfg.preset}
+    for name in _SECTIONS:
+        out[name] = {k: v for k, v in dataclasses.asdict(getattr(cfg, name)).items() if v is not None}
+    return out
+
+
+def to_toml(cfg: Config) -> str:
+    """Render the resolved config as TOML (flat sections of scalars)."""
+    lines = [f'preset = "{cfg.preset}"']
+    for section, values in to_dict(cfg).items():
+        if section == "preset":
+            continue
+        lines.append(f"\n[{section}]")
+        for k, v in values.items():
+            if isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, (int, float)):
+                lines.append(f"{k} = {v!r}")
+            else:
+                escaped = str(v).replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'{k} = "{escaped}"')
+    return "\n".join(lines) + "\n"
+
+
+def make_config(preset: str = "spine", config_file: str | None = None, overrides: dict | None = None) -> Config:
+    """Build a validated Config: defaults, then the preset, then a TOML file, then overrides.
+
+    ``overrides`` is a nested mapping like ``{"optim": {"lr": 1e-5}}``. A preset named in the
+    TOML file (top-level ``preset = "..."``) is applied before that file's other settings.
+    """
+    file_values = load_toml(config_file) if config_file else {}
+    preset = (overrides or {}).get("preset") or file_values.get("preset") or preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (expected one of {', '.join(PRESETS)})")
+    cfg = Config(preset=preset)
+    apply_overrides(cfg, PRESETS[preset], f"preset {preset}")
+    if file_values:
+        apply_overrides(cfg, {k: v for k, v in file_values.items() if k != "preset"}, str(config_file))
+    if overrides:
+        apply_overrides(cfg, {k: v for k, v in overrides.items() if k != "preset"}, "command line")
+    cfg.preset = preset
+    return cfg.validate()
+
+
+# ------------------------------------------------------------------ CLI generation
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--flag`` per config field, help text from the field's documentation.
+
+    Defaults are left as None on the parser so that only flags the user typed override the
+    preset and the config file; the help shows each field's built-in default.
+    """
+    parser.add_argument("--config", help="TOML file of settings ([section] tables as in config.toml of a run).")
+    pf = next(f for f in dataclasses.fields(Config) if f.name == "preset")
+    parser.add_argument("--preset", choices=pf.metadata["choices"], default=None, help=pf.metadata["help"] + " (default: spine)")
+    for section, cls in _section_types().items():
+        group = parser.add_argument_group(section)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is not None else [hint]
+            typ = args[0]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f"{f.metadata['help']} (default: {default!r})"
+            kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": None, "help": help_text}
+            if typ is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = typ
+                kwargs["metavar"] = typ.__name__.upper()
+                if "choices" in f.metadata:
+                    kwargs["choices"] = f.metadata["choices"]
+                    kwargs.pop("metavar")
+            group.add_argument(_flag(f.name), **kwargs)
+
+
+def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """Collect the flags the user actually gave into a nested override mapping."""
+    out: dict[str, Any] = {}
+    for key, value in vars(ns).items():
+        if "." not in key or value is None:
+            continue
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = value
+    if getattr(ns, "preset", None):
+        out["preset"] = ns.preset
+    return out

@@ -1,0 +1,226 @@
+"""GRPO advantages, the clipped surrogate, SPINE's entropy band and the KL penalty.
+
+Every function here is pure: tensors in, tensors out, no trainer, no config object.
+"How to compute per token" lives here; "what to average over" is the ``normalizer``
+argument, computed once per optimiser step by the caller and passed in, so that a batch
+split into micro-batches gives exactly the loss and gradient of the whole batch
+(OpenRLHF's ``aggregate_loss`` convention).
+
+Shapes, used throughout:
+
+=================  ============  =============================================
+name               shape         meaning
+=================  ============  =============================================
+``rewards``        (B,)          one scalar reward per completion
+``advantages``     (B,)          one advantage per completion (same on every token)
+``logprobs``       (B, T)        log π_θ(y_t | x, y_<t) of the sampled tokens
+``old_logprobs``   (B, T)        the same under the behaviour policy (no grad)
+``ref_logprobs``   (B, T)        the same under the frozen initial model (no grad)
+``entropies``      (B, T)        token entropy of the current policy (with grad)
+``token_mask``     (B, T) bool   True on real completion tokens (not padding)
+``fork_mask``      (B, T) bool   True on selected (forking) tokens, ⊆ token_mask
+``low``, ``high``  (B,)          per-response band edges (detached; NaN = no band)
+=================  ============  =============================================
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "group_advantages",
+    "band_edges",
+    "band_penalty",
+    "policy_loss",
+    "kl_penalty",
+    "quantile_linear",
+]
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages, normalised within each consecutive group of ``group_size`` rows.
+
+    A_i = (r_i − mean_g(r)) / (std_g(r) + eps), std the *population* standard deviation
+    (divide by G, not G − 1), as in GRPO / TTRL. Rows ``g·G .. g·G + G − 1`` form group g.
+    All-equal rewards in a group give A = 0 exactly; a group of one response gives A = 0.
+
+    Args:
+        rewards: (B,) float, B a multiple of ``group_size``.
+        group_size: G ≥ 1.
+        eps: added to the standard deviation.
+
+    Returns:
+        (B,) float32 advantages.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"B={rewards.numel()} is not a multiple of group_size={group_size}")
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, unbiased=False, keepdim=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def quantile_linear(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-row quantile of the masked values, by linear interpolation (numpy's default).
+
+    For the n sorted valid values v_0 ≤ … ≤ v_{n−1} of a row, position h = q·(n − 1),
+    Q_q = v_⌊h⌋ + (h − ⌊h⌋)·(v_⌊h⌋+1 − v_⌊h⌋). The median of {2, 3} is 2.5. A row with no
+    valid value gives NaN. Shapes: values (B, T), mask (B, T) bool → (B,).
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile q must be in [0, 1], got {q}")
+    values = values.detach().to(torch.float64)
+    mask = mask.bool()
+    n = mask.sum(dim=1)  # (B,)
+    # Invalid entries sort to the end (+inf) so the first n entries of a row are its values.
+    filled = torch.where(mask, values, torch.full_like(values, float("inf")))
+    sorted_vals, _ = torch.sort(filled, dim=1)
+    pos = q * (n.to(torch.float64) - 1).clamp(min=0)  # (B,)
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
+    frac = pos - lo.to(torch.float64)
+    v_lo = sorted_vals.gather(1, lo.unsqueeze(1)).squeeze(1)
+    v_hi = sorted_vals.gather(1, hi.unsqueeze(1)).squeeze(1)
+    # v_lo + frac·(v_hi − v_lo) is NaN-free when frac = 0 and v_hi = v_lo.
+    out = v_lo + frac * (v_hi - v_lo)
+    return torch.where(n > 0, out, torch.full_like(out, float("nan")))
+
+
+def band_edges(
+    entropies: torch.Tensor,
+    fork_mask: torch.Tensor,
+    kind: str = "quantile",
+    low_q: float = 0.1,
+    high_q: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-response entropy band [low_i, high_i] over the response's forking tokens S_i.
+
+    - ``kind="quantile"`` (SPINE v1): low_i = Q_low_q(H_S_i), high_i = Q_high_q(H_S_i),
+      defaults [Q_0.10, Q_0.50]; quantiles by linear interpolation.
+    - ``kind="mad"`` (SPINE v2, robust): c = median(H_S_i), s = max(1.4826 · median(|H_S_i − c|), 1e-6),
+      band = [max(c − s, 0), c]. Example: S = {2, 3} → c = 2.5, MAD = 0.5,
+      low = 2.5 − 0.7413 = 1.7587, high = 2.5.
+
+    The edges are detached (computed from the behaviour policy's entropies, no gradient).
+    A response with no forking token gets NaN edges: it contributes no band penalty and
+    is left out of band metrics.
+
+    Shapes: entropies (B, T), fork_mask (B, T) bool → (low (B,), high (B,)) float32.
+    """
+    entropies = entropies.detach()
+    fork_mask = fork_mask.bool()
+    if kind == "quantile":
+        if low_q > high_q:
+            raise ValueError(f"low_q={low_q} must be <= high_q={high_q}")
+        low = quantile_linear(entropies, fork_mask, low_q)
+        high = quantile_linear(entropies, fork_mask, high_q)
+    elif kind == "mad":
+        c = quantile_linear(entropies, fork_mask, 0.5)
+        dev = (entropies.to(torch.float64) - c.unsqueeze(1)).abs()
+        mad = quantile_linear(dev, fork_mask, 0.5)
+        s = (1.4826 * mad).clamp(min=1e-6)
+        low = (c - s).clamp(min=0.0)
+        high = c
+    else:
+        raise ValueError(f"unknown band kind {kind!r}: expected 'quantile' or 'mad'")
+    return low.to(torch.float32), high.to(torch.float32)
+
+
+def band_penalty(
+    entropies: torch.Tensor,
+    fork_mask: torch.Tensor,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    beta_low: float,
+    beta_up: float,
+    normalizer: float | torch.Tensor,
+) -> torch.Tensor:
+    """SPINE's entropy-band regulariser (minimised).
+
+    R_band = Σ_{i,t} m_{i,t} · [β_low · (low_i − H_{i,t})₊ + β_up · (H_{i,t} − high_i)₊] / normalizer
+
+    with m = ``fork_mask``. Gradient flows through ``entropies`` (the current policy's);
+    ``low``/``high`` are treated as constants. Minimising it pushes a forking token's entropy
+    *up* when it lies below the band (keep exploring) and *down* when above (suppress noise).
+    Rows whose edges are NaN (no forking token) contribute 0.
+
+    Shapes: entropies (B, T), fork_mask (B, T) bool, low/high (B,) → scalar.
+    ``normalizer``: the paper's convention is the total number of completion tokens of the
+    optimiser batch, Σ_i |y_i|.
+    """
+    low = low.detach().to(entropies.dtype).unsqueeze(1)
+    high = high.detach().to(entropies.dtype).unsqueeze(1)
+    # relu, not clamp: on an edge the gradient is 0 (clamp would pass it through at x == 0).
+    below = torch.relu(low - entropies)
+    above = torch.relu(entropies - high)
+    per_token = beta_low * below + beta_up * above
+    valid = fork_mask.bool() & ~torch.isnan(low) & ~torch.isnan(high)
+    # torch.where, not multiplication: a NaN edge times a 0 mask would still be NaN.
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    return per_token.sum() / normalizer
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    token_mask: torch.Tensor,
+    clip_eps: float,
+    normalizer: float | torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO/GRPO clipped surrogate, summed over masked tokens and divided by ``normalizer``.
+
+    L = −Σ_{i,t} m_{i,t} · min(ρ_{i,t} A_i, clip(ρ_{i,t}, 1 − ε, 1 + ε) A_i) / normalizer,
+    ρ_{i,t} = exp(logprobs − old_logprobs).
+
+    With m = all completion tokens this is TTRL's loss; with m = the forking mask it is
+    SPINE's policy term. With one update per sampled batch ρ ≡ 1 and the clip is inactive.
+
+    Shapes: logprobs, old_logprobs (B, T); advantages (B,) or (B, T); token_mask (B, T) bool.
+
+    Returns:
+        (loss scalar, stats) with detached stats over the masked tokens:
+        ``clip_fraction`` — share of tokens where the clipped branch is the one taken
+        (ρA > clip(ρ)A, i.e. the gradient is cut); ``approx_kl`` — mean of the k3 estimate
+        (ρ − 1) − log ρ of KL(π_old ‖ π_θ).
+    """
+    mask = token_mask.bool()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    advantages = advantages.to(logprobs.dtype)
+    log_ratio = logprobs - old_logprobs.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    loss = per_token.sum() / normalizer
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        clip_fraction = ((clipped < unclipped) & mask).sum() / n
+        approx_kl = torch.where(mask, (ratio - 1) - log_ratio, torch.zeros_like(ratio)).sum() / n
+    return loss, {"clip_fraction": clip_fraction.detach(), "approx_kl": approx_kl.detach()}
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    token_mask: torch.Tensor,
+    normalizer: float | torch.Tensor,
+) -> torch.Tensor:
+    """k3 estimator of KL(π_θ ‖ π_ref) on the sampled tokens (Schulman's "low-variance KL").
+
+    KL ≈ Σ_{i,t} m_{i,t} · (exp(ref − logp) − (ref − logp) − 1) / normalizer,
+    ref = ``ref_logprobs``, logp = ``logprobs``. Each term is ≥ 0 and 0 where the two agree.
+    SPINE masks it to forking tokens and normalises by the number of masked tokens; TTRL
+    uses all completion tokens.
+
+    Shapes: logprobs, ref_logprobs (B, T); token_mask (B, T) bool → scalar.
+    """
+    diff = ref_logprobs.detach() - logprobs
+    per_token = torch.exp(diff) - diff - 1
+    per_token = torch.where(token_mask.bool(), per_token, torch.zeros_like(per_token))
+    return per_token.sum() / normalizer

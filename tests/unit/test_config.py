@@ -1,0 +1,75 @@
+"""Config: presets, TOML files, CLI generation and validation."""
+
+import argparse
+
+import pytest
+
+from spine_ttrl.config import PRESETS, add_config_arguments, make_config, overrides_from_args, to_toml, load_toml
+
+
+def test_presets_set_the_method():
+    ttrl = make_config("ttrl")
+    assert (ttrl.spine.selection, ttrl.spine.band) == ("all", "none")
+    v1 = make_config("spine")
+    assert (v1.spine.selection, v1.spine.rho, v1.spine.scope, v1.spine.band) == ("top", 0.2, "batch", "quantile")
+    assert (v1.spine.band_low_q, v1.spine.band_high_q) == (0.1, 0.5)
+    v2 = make_config("spine-v2")
+    assert (v2.spine.selection, v2.spine.band) == ("otsu", "mad")
+    assert make_config("none").optim.steps == 0
+    assert set(PRESETS) == {"ttrl", "spine", "spine-v2", "none"}
+
+
+def test_precedence_default_preset_file_cli(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('preset = "ttrl"\n[optim]\nlr = 3e-6\nsteps = 7\n[sampling]\nnum_votes = 4\nnum_train_samples = 2\n')
+    cfg = make_config(config_file=str(f), overrides={"optim": {"steps": 9}})
+    assert cfg.preset == "ttrl" and cfg.spine.selection == "all"
+    assert cfg.optim.lr == 3e-6 and cfg.optim.steps == 9 and cfg.sampling.num_votes == 4
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = make_config("spine-v2", overrides={"data": {"data": 'a "quoted" \\ path.jsonl'}, "optim": {"lr": 1e-4}})
+    f = tmp_path / "config.toml"
+    f.write_text(to_toml(cfg))
+    again = make_config(config_file=str(f))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("[optim]\nlr = 'fast'\n", "optim.lr"),
+    ("[optim]\nlearning_rate = 1\n", "optim.learning_rate"),
+    ("[nonsense]\nx = 1\n", "nonsense"),
+    ("[optim\n", "invalid TOML"),
+])
+def test_bad_config_files_give_one_line_errors(tmp_path, content, fragment):
+    f = tmp_path / "bad.toml"
+    f.write_text(content)
+    with pytest.raises(ValueError) as exc:
+        make_config(config_file=str(f))
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="num_train_samples"):
+        make_config(overrides={"sampling": {"num_votes": 4, "num_train_samples": 8}})
+    with pytest.raises(ValueError, match="rho"):
+        make_config(overrides={"spine": {"rho": 1.5}})
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("grpo")
+    with pytest.raises(ValueError):
+        load_toml("/nonexistent/file.toml")
+
+
+def test_cli_flags_generated_with_help():
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    text = p.format_help()
+    for flag in ["--model", "--data", "--task", "--preset", "--steps", "--num-votes", "--num-train-samples",
+                 "--max-new-tokens", "--temperature", "--lr", "--seed", "--out", "--resume", "--config",
+                 "--updates-per-batch", "--rho", "--band"]:
+        assert flag in text
+    ns = p.parse_args(["--lr", "1e-5", "--steps", "3", "--preset", "ttrl", "--no-progress"])
+    ov = overrides_from_args(ns)
+    assert ov == {"optim": {"lr": 1e-5, "steps": 3}, "run": {"progress": False}, "preset": "ttrl"}
+    cfg = make_config(overrides=ov)
+    assert cfg.optim.lr == 1e-5 and cfg.preset == "ttrl" and cfg.optim.micro_batch_size == 16
