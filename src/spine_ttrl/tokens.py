@@ -1,0 +1,718 @@
+"""Per-token statistics of a policy and forking-token selection.
+
+Two halves, both pure functions over tensors:
+
+* **Statistics** -- :func:`token_entropy`, :func:`token_logprobs` (from ``(B, T, V)`` logits) and
+  :func:`logprobs_and_entropy` (from final hidden states and the LM-head weight, never building
+  ``(B, T, V)``). All of them work on chunks of the flattened ``B*T`` rows, so the fp32 softmax over
+  a 49k-152k vocabulary -- the memory peak of a policy-gradient step -- exists for at most
+  ``chunk_size`` rows at a time, in the forward *and* in the backward pass (the backward recomputes
+  each chunk's softmax instead of keeping it).
+* **Selection** -- :func:`top_entropy_mask` (SPINE v1 / "Beyond the 80/20 Rule": the top-rho share
+  of valid tokens by entropy, over a batch, group or response), :func:`entropy_threshold` (the same
+  cut as a number, for pools gathered across micro-batches or processes) and :func:`otsu_mask`
+  (SPINE v2: a per-response Otsu split of the entropy histogram). Selection never takes gradients.
+
+Vocabulary: ``logits`` (B, T, V), ``hidden`` (B, T, D), ``tokens`` (B, T) int64,
+``entropies`` (B, T), ``token_mask`` (B, T) bool (True = a real response token, False = padding).
+Entropies are in nats (natural log), over the full vocabulary.
+
+Numerics: softmax, log-softmax and entropy are always evaluated in fp32 (fp64 when the inputs are
+fp64, which is what lets ``torch.autograd.gradcheck`` verify the hand-written backward passes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "token_entropy",
+    "token_logprobs",
+    "logprobs_and_entropy",
+    "top_entropy_mask",
+    "entropy_threshold",
+    "otsu_mask",
+]
+
+# Rows of the flattened (B*T) batch per chunk. Measured (bench, 2 shared CPU cores) on SmolLM2-135M's
+# head, D=576, V=49152, B*T=4096 rows, forward+backward of logprobs_and_entropy, median of 3
+# interleaved runs: fp32 chunk 256 16.2 s, 512 14.6 s (full-logits path 15.0 s); bf16 autocast
+# chunk 512 8.1 s (full path 12.4 s); 1024 was no faster than 512. Peak extra memory at 512:
+# 309 MB fp32 / 569 MB autocast, vs 3.8-3.9 GB for the full path. The chunk buffers cost
+# 2 x chunk x V x 4 B (200 MB at V=49k, 620 MB at V=152k): lower it for big vocabularies.
+DEFAULT_CHUNK_SIZE = 512
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _softmax_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs, fp64 if any input is fp64 (so gradcheck can run)."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def _check_chunk_and_temperature(chunk_size: int, temperature: float | None) -> float | None:
+    """Validate arguments; return the temperature to divide by, or None for "no scaling"."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if temperature is None:
+        return None
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    # T = 1 is the identity: skip the division rather than pay a pass over chunk x V.
+    return None if temperature == 1.0 else temperature
+
+
+def _check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+    # An out-of-range id would be a silent wrong gather on some devices (a device-side assert on
+    # CUDA): fail loudly here. Padding positions must hold some valid id (e.g. the pad token).
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}); got min {int(tokens.min())}, "
+            f"max {int(tokens.max())} (fill padding with a real id such as the pad token)"
+        )
+
+
+# The chunk loops below write into a few (chunk, V) workspace buffers allocated once per call and
+# reused for every chunk (``out=`` and in-place ops). Measured on CPU: a fresh 50 MB tensor per
+# elementwise op costs 2-3x the op itself (page faults on first touch, since glibc hands large
+# blocks straight back to the OS), so a naive chunk loop was ~2x slower than the full-logits path.
+
+
+def _guard_zero_probs(logp: torch.Tensor, p: torch.Tensor, scratch: torch.Tensor) -> None:
+    """Set log p to 0 where p == 0, so p * log p and p * (log p + H) are 0 there, not 0 * -inf = NaN.
+
+    Exact: wherever p == 0 every term that multiplies log p by p is 0 anyway. Needed only when a
+    logit can be -inf (masked vocabulary entries); NaN logits still propagate (NaN != 0).
+    """
+    logp.masked_fill_(torch.eq(p, 0, out=scratch), 0.0)
+
+
+def _chunk_forward(z, logp_buf, p_buf, tok, need_entropy, guard_buf):
+    """Per-row (logprob of ``tok`` or None, entropy or None) of a (c, V) chunk of scaled logits.
+
+    ``z`` is read only; ``logp_buf`` and ``p_buf`` (softmax dtype) are overwritten and may alias
+    ``z``'s storage only if it is ``p_buf`` itself (z is dead once log p is computed).
+    """
+    logp = torch.log_softmax(z, dim=-1, out=logp_buf)
+    lp = None if tok is None else logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    ent = None
+    if need_entropy:
+        p = torch.exp(logp, out=p_buf)
+        if guard_buf is not None:
+            _guard_zero_probs(logp, p, guard_buf)
+        ent = p.mul_(logp).sum(-1).neg_()  # H = -sum p log p
+    return lp, ent
+
+
+def _chunk_grad_logits(z, logp_buf, p_buf, ent, tok, g_lp, g_ent, guard_buf):
+    """Gradient w.r.t. the scaled logits ``z`` (c, V) of sum(g_lp * logp_y + g_ent * H).
+
+    Per row, with p = softmax(z):
+        d logp_y / dz = onehot(y) - p
+        d H / dz_j    = -p_j (log p_j + H)      (from H = -sum p log p, dp_i/dz_j = p_i(d_ij - p_j))
+    so  grad_z = g_lp * onehot(y) - p * (g_ent * log p + g_lp + g_ent * H).
+    ``g_lp`` / ``g_ent`` may be None (output unused) and arrive already divided by the temperature
+    (the chain rule through z = logits / T, folded into the per-row factors to save a pass).
+    Returns the gradient, written into ``logp_buf`` (or ``p_buf``).
+    """
+    logp = torch.log_softmax(z, dim=-1, out=logp_buf)
+    p = torch.exp(logp, out=p_buf)
+    if g_ent is None:
+        grad = p.mul_(g_lp.neg().unsqueeze(-1))
+    else:
+        if guard_buf is not None:
+            _guard_zero_probs(logp, p, guard_buf)
+        coef = g_ent * ent if g_lp is None else g_ent * ent + g_lp
+        grad = logp.mul_(g_ent.unsqueeze(-1)).add_(coef.unsqueeze(-1)).mul_(p).neg_()
+    if g_lp is not None:
+        grad.scatter_add_(-1, tok.unsqueeze(-1), g_lp.unsqueeze(-1))
+    return grad
+
+
+def _scaled_chunk(chunk, temperature, sdt, buf):
+    """``chunk / temperature`` in the softmax dtype; ``chunk`` itself when nothing is to be done."""
+    if temperature is None and chunk.dtype == sdt:
+        return chunk
+    if chunk.dtype == sdt:
+        return torch.div(chunk, temperature, out=buf)
+    z = buf.copy_(chunk)  # upcast first: dividing bf16 logits in bf16 would round them again
+    return z if temperature is None else z.div_(temperature)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics from (B, T, V) logits
+# ---------------------------------------------------------------------------------------------
+
+
+class _LogitsStats(torch.autograd.Function):
+    """Chunked log-softmax statistics of a (N, V) logits matrix; backward recomputes per chunk.
+
+    Plain autograd over the chunk loop would save every chunk's fp32 log-softmax for backward, i.e.
+    an fp32 copy of all N x V logits (twice the memory of bf16 logits). Saving only the logits
+    (already alive) and the per-row entropy keeps the extra memory at O(chunk x V).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, tokens, chunk_size, temperature, need_lp, need_entropy):
+        sdt = _softmax_dtype(logits.dtype)
+        n, vocab = logits.shape
+        lp = logits.new_empty(n if need_lp else 0, dtype=sdt)
+        ent = logits.new_empty(n if need_entropy else 0, dtype=sdt)
+        rows = min(chunk_size, n)
+        logp_buf = logits.new_empty(rows, vocab, dtype=sdt)
+        p_buf = logits.new_empty(rows, vocab, dtype=sdt)
+        # user logits may hold -inf (masked vocabulary): guard p * log p
+        guard_buf = logits.new_empty(rows, vocab, dtype=torch.bool) if need_entropy else None
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            m = e - s
+            z = _scaled_chunk(logits[s:e], temperature, sdt, p_buf[:m])
+            c_lp, c_ent = _chunk_forward(
+                z,
+                logp_buf[:m],
+                p_buf[:m],
+                tokens[s:e] if need_lp else None,
+                need_entropy,
+                None if guard_buf is None else guard_buf[:m],
+            )
+            if need_lp:
+                lp[s:e] = c_lp
+            if need_entropy:
+                ent[s:e] = c_ent
+        ctx.save_for_backward(logits, tokens if need_lp else None, ent if need_entropy else None)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.set_materialize_grads(False)  # None = "this output is unused": skip its terms
+        if not need_lp:
+            ctx.mark_non_differentiable(lp)
+        if not need_entropy:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_lp, g_ent):
+        logits, tokens, ent = ctx.saved_tensors
+        if (g_lp is None and g_ent is None) or not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        sdt = _softmax_dtype(logits.dtype)
+        n, vocab = logits.shape
+        cs, tau = ctx.chunk_size, ctx.temperature
+        scale = 1.0 if tau is None else 1.0 / tau  # chain rule through z = logits / T
+        g_lp = None if g_lp is None else g_lp.to(sdt) * scale
+        g_ent = None if g_ent is None else g_ent.to(sdt) * scale
+        grad_logits = torch.empty_like(logits)
+        rows = min(cs, n)
+        logp_buf = logits.new_empty(rows, vocab, dtype=sdt)
+        p_buf = logits.new_empty(rows, vocab, dtype=sdt)
+        guard_buf = logits.new_empty(rows, vocab, dtype=torch.bool) if g_ent is not None else None
+        for s in range(0, n, cs):
+            e = min(s + cs, n)
+            m = e - s
+            z = _scaled_chunk(logits[s:e], tau, sdt, p_buf[:m])
+            grad_logits[s:e] = _chunk_grad_logits(
+                z,
+                logp_buf[:m],
+                p_buf[:m],
+                None if g_ent is None else ent[s:e],
+                None if g_lp is None else tokens[s:e],
+                None if g_lp is None else g_lp[s:e],
+                None if g_ent is None else g_ent[s:e],
+                None if guard_buf is None else guard_buf[:m],
+            )
+        return grad_logits, None, None, None, None, None
+
+
+def _logits_stats(logits, tokens, chunk_size, temperature, need_lp, need_entropy):
+    if logits.dim() < 1 or not logits.is_floating_point():
+        raise ValueError(
+            f"logits must be a floating (..., V) tensor, got {logits.dtype} {tuple(logits.shape)}"
+        )
+    tau = _check_chunk_and_temperature(chunk_size, temperature)
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    flat_tokens = None
+    if need_lp:
+        if tuple(tokens.shape) != tuple(lead):
+            raise ValueError(f"tokens shape {tuple(tokens.shape)} != logits shape without V {tuple(lead)}")
+        _check_tokens(tokens, vocab)
+        flat_tokens = tokens.reshape(-1).long()
+    flat_logits = logits.reshape(-1, vocab)
+    lp, ent = _LogitsStats.apply(flat_logits, flat_tokens, chunk_size, tau, need_lp, need_entropy)
+    return lp.reshape(lead) if need_lp else None, ent.reshape(lead) if need_entropy else None
+
+
+def token_entropy(
+    logits: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float | None = None,
+) -> torch.Tensor:
+    """Entropy of the next-token distribution at every position, in nats.
+
+        z = logits / temperature        (only if temperature is given and != 1)
+        p = softmax(z)                  over the full vocabulary
+        H = -sum_v p_v log p_v          (entries with p_v = 0, e.g. logit -inf, contribute 0)
+
+    ============  ===========  ==========================================
+    argument      shape        dtype
+    ============  ===========  ==========================================
+    logits        (B, T, V)    any float (bf16 / fp16 / fp32 / fp64)
+    returns       (B, T)       fp32 (fp64 for fp64 logits)
+    ============  ===========  ==========================================
+
+    Any leading shape works (``(..., V) -> (...)``). The fp32 softmax is computed for at most
+    ``chunk_size`` flattened rows at a time, in forward and backward (the backward recomputes it
+    from the saved logits). Differentiable w.r.t. ``logits``: dH/dz_j = -p_j (log p_j + H).
+    Sampling at a temperature T draws from softmax(logits / T); pass the same T to score the
+    entropy of the distribution that was actually sampled.
+    """
+    return _logits_stats(logits, None, chunk_size, temperature, need_lp=False, need_entropy=True)[1]
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float | None = None,
+) -> torch.Tensor:
+    """Log-probability of each given token under the (temperature-scaled) softmax.
+
+        z = logits / temperature        (only if temperature is given and != 1)
+        logprob_t = z[t, y_t] - logsumexp_v z[t, v]
+
+    ============  ===========  ==========================================
+    argument      shape        dtype
+    ============  ===========  ==========================================
+    logits        (B, T, V)    any float; logits[:, t] scores tokens[:, t]
+    tokens        (B, T)       integer ids in [0, V) (padding: any valid id)
+    returns       (B, T)       fp32 (fp64 for fp64 logits)
+    ============  ===========  ==========================================
+
+    Chunked over the flattened rows like :func:`token_entropy`; differentiable w.r.t. ``logits``
+    (d logprob / dz = onehot(y) - p). Masking padding is the caller's job (``token_mask``).
+    """
+    return _logits_stats(logits, tokens, chunk_size, temperature, need_lp=True, need_entropy=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics from hidden states and the LM head, never building (B, T, V)
+# ---------------------------------------------------------------------------------------------
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The active autocast dtype on ``device_type``, or None (works on torch 2.2 and later)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
+
+
+def _linear_into(h, w, b, out):
+    """out = h @ w.T (+ b), written into a preallocated (c, V) buffer."""
+    if b is None:
+        return torch.mm(h, w.t(), out=out)
+    return torch.addmm(b, h, w.t(), out=out)
+
+
+class _LinearLogitsStats(torch.autograd.Function):
+    """Chunked logprob + entropy of ``hidden @ W.T (+ b)``; backward recomputes each chunk's logits.
+
+    Saved for backward: hidden (N, D), W (V, D), bias, tokens (N,) and the per-row entropy (N,).
+    Nothing of size N x V survives between forward and backward, so peak memory is
+    O(chunk x V + N x D + V x D) in both passes. The price is one extra (chunk x D x V) matmul per
+    chunk in backward (4 matmuls in all instead of the full-logits path's 3).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, chunk_size, temperature, cdt, guard):
+        sdt = _softmax_dtype(cdt)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        w, b = weight.to(cdt), None if bias is None else bias.to(cdt)
+        lp = hidden.new_empty(n, dtype=sdt)
+        ent = hidden.new_empty(n, dtype=sdt)
+        rows = min(chunk_size, n)
+        zc = hidden.new_empty(rows, vocab, dtype=cdt)  # matmul output
+        logp_buf = hidden.new_empty(rows, vocab, dtype=sdt)
+        p_buf = zc if cdt == sdt else hidden.new_empty(rows, vocab, dtype=sdt)
+        guard_buf = hidden.new_empty(rows, vocab, dtype=torch.bool) if guard else None
+        # Autocast is handled by hand (cdt chosen by the caller); keep it from re-casting our ops.
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, chunk_size):
+                e = min(s + chunk_size, n)
+                m = e - s
+                z = _linear_into(hidden[s:e].to(cdt), w, b, zc[:m])
+                z = _scaled_chunk(z, temperature, sdt, p_buf[:m])
+                guard_m = None if guard_buf is None else guard_buf[:m]
+                lp[s:e], ent[s:e] = _chunk_forward(z, logp_buf[:m], p_buf[:m], tokens[s:e], True, guard_m)
+        ctx.save_for_backward(hidden, weight, bias, tokens, ent)
+        ctx.chunk_size, ctx.temperature, ctx.cdt, ctx.guard = chunk_size, temperature, cdt, guard
+        ctx.set_materialize_grads(False)  # None = "this output is unused": skip its terms
+        return lp, ent
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, bias, tokens, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (g_lp is None and g_ent is None) or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None, None, None
+        cdt, sdt, cs, tau = ctx.cdt, ent.dtype, ctx.chunk_size, ctx.temperature
+        n, vocab = hidden.shape[0], weight.shape[0]
+        scale = 1.0 if tau is None else 1.0 / tau  # chain rule through z = (h W^T + b) / T
+        g_lp = None if g_lp is None else g_lp.to(sdt) * scale
+        g_ent = None if g_ent is None else g_ent.to(sdt) * scale
+        w, b = weight.to(cdt), None if bias is None else bias.to(cdt)
+        grad_h = hidden.new_empty(hidden.shape, dtype=cdt) if need_h else None
+        # grad_W and grad_b are sums over all rows: accumulate in the softmax dtype (fp32) even when
+        # the matmuls run in bf16, so that many chunks do not add up bf16 rounding errors.
+        grad_w = torch.zeros(weight.shape, dtype=sdt, device=weight.device) if need_w else None
+        # bf16 matmuls: each chunk's grad_W lands in one reused V x D buffer before the fp32 sum.
+        grad_w_chunk = torch.empty(weight.shape, dtype=cdt, device=weight.device) if need_w and cdt != sdt else None
+        grad_b = torch.zeros(bias.shape, dtype=sdt, device=bias.device) if need_b else None
+        rows = min(cs, n)
+        zc = hidden.new_empty(rows, vocab, dtype=cdt)
+        logp_buf = hidden.new_empty(rows, vocab, dtype=sdt)
+        p_buf = zc if cdt == sdt else hidden.new_empty(rows, vocab, dtype=sdt)
+        guard = ctx.guard and g_ent is not None
+        guard_buf = hidden.new_empty(rows, vocab, dtype=torch.bool) if guard else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, cs):
+                e = min(s + cs, n)
+                m = e - s
+                h = hidden[s:e].to(cdt)
+                z = _scaled_chunk(_linear_into(h, w, b, zc[:m]), tau, sdt, p_buf[:m])
+                g = _chunk_grad_logits(
+                    z,
+                    logp_buf[:m],
+                    p_buf[:m],
+                    None if g_ent is None else ent[s:e],
+                    None if g_lp is None else tokens[s:e],
+                    None if g_lp is None else g_lp[s:e],
+                    None if g_ent is None else g_ent[s:e],
+                    None if guard_buf is None else guard_buf[:m],
+                )
+                if need_b:
+                    grad_b += g.sum(0)
+                # The matmuls run in the compute dtype, as the forward's did (zc is free by now).
+                gc = g if cdt == sdt else zc[:m].copy_(g)
+                if need_h:
+                    torch.mm(gc, w, out=grad_h[s:e])  # (c, V) @ (V, D)
+                if need_w:
+                    if grad_w_chunk is None:
+                        grad_w.addmm_(gc.t(), h)  # (V, c) @ (c, D), accumulated in place
+                    else:
+                        grad_w += torch.mm(gc.t(), h, out=grad_w_chunk)
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def logprobs_and_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    tokens: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs and entropies straight from final hidden states, without (B, T, V) logits.
+
+        z = (hidden @ W^T + b) / temperature      (b only if given; / T only if given and != 1)
+        logprobs  = z[y] - logsumexp(z)
+        entropies = -sum_v p_v log p_v,  p = softmax(z)
+
+    =================  ===========  =============================================================
+    argument           shape        notes
+    =================  ===========  =============================================================
+    hidden             (B, T, D)    final hidden states; hidden[:, t] predicts tokens[:, t]
+    lm_head_weight     (V, D)       may be frozen (requires_grad=False: grad_W is skipped)
+    tokens             (B, T)       integer ids in [0, V)
+    lm_head_bias       (V,)         optional
+    logprobs           (B, T)       fp32 (fp64 for fp64 inputs)
+    entropies          (B, T)       fp32 (fp64 for fp64 inputs)
+    =================  ===========  =============================================================
+
+    Any leading shape works (``hidden (..., D)``, ``tokens (...)``).
+
+    Memory: the flattened rows are processed ``chunk_size`` at a time; the custom backward
+    recomputes each chunk's logits instead of storing them, so forward and backward both peak at
+    O(chunk_size x V) on top of hidden, W and their gradients. Gradients flow from both outputs to
+    ``hidden``, ``lm_head_weight`` and ``lm_head_bias`` (those that require grad), and are returned
+    in their dtypes; grad_W is accumulated across chunks in fp32. Double backward is not supported.
+
+    Precision: the matmul runs in the dtype the model's own ``lm_head(hidden)`` would use -- the
+    autocast dtype when autocast is active on hidden's device, otherwise the promoted dtype of
+    hidden and W (bf16 for a bf16 model, fp32 for fp32) -- and its output is upcast to fp32 before
+    the log-softmax and entropy. So the values match ``lm_head(hidden).float()`` followed by an fp32
+    log-softmax (the usual full-logits path) up to matmul blocking, and no fp32 copy of a bf16 W is
+    made. (Upcasting W for an fp32 matmul would cost a V x D fp32 copy per pass -- 0.9 GB for a
+    152k x 1536 head -- for precision the rest of the pipeline, e.g. the sampler, does not have.)
+    """
+    if hidden.dim() < 1 or not hidden.is_floating_point():
+        raise ValueError(
+            f"hidden must be a floating (..., D) tensor, got {hidden.dtype} {tuple(hidden.shape)}"
+        )
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be (V, D) with D = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(lm_head_weight.shape)}"
+        )
+    vocab = lm_head_weight.shape[0]
+    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (vocab,):
+        raise ValueError(f"lm_head_bias must be ({vocab},), got {tuple(lm_head_bias.shape)}")
+    lead = hidden.shape[:-1]
+    if tuple(tokens.shape) != tuple(lead):
+        raise ValueError(f"tokens shape {tuple(tokens.shape)} != hidden shape without D {tuple(lead)}")
+    tau = _check_chunk_and_temperature(chunk_size, temperature)
+    _check_tokens(tokens, vocab)
+
+    dtypes = [hidden.dtype, lm_head_weight.dtype] + ([] if lm_head_bias is None else [lm_head_bias.dtype])
+    cdt = _autocast_dtype(hidden.device.type)
+    if cdt is None or torch.float64 in dtypes:  # autocast never casts fp64, mirror that
+        cdt = dtypes[0]
+        for dt in dtypes[1:]:
+            cdt = torch.promote_types(cdt, dt)
+
+    # Logits from a matmul are finite; only a bias with -inf entries (vocabulary masking) needs the
+    # p = 0 guard, and checking V numbers once is cheaper than guarding every chunk.
+    guard = lm_head_bias is not None and not bool(torch.isfinite(lm_head_bias).all())
+    lp, ent = _LinearLogitsStats.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        lm_head_weight,
+        lm_head_bias,
+        tokens.reshape(-1).long(),
+        chunk_size,
+        tau,
+        cdt,
+        guard,
+    )
+    return lp.reshape(lead), ent.reshape(lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forking-token selection (no gradients)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_rho(rho: float) -> float:
+    rho = float(rho)
+    if not 0.0 <= rho <= 1.0:  # also rejects NaN
+        raise ValueError(f"rho must be in [0, 1], got {rho!r}")
+    return rho
+
+
+def _num_selected(rho: float, n: int) -> int:
+    """k = ceil(rho * n) without float noise: 0.14 * 50 = 7.000000000000001 must give 7, not 8."""
+    return min(n, max(0, math.ceil(rho * n - 1e-9)))
+
+
+def _check_selection_inputs(entropies: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    if entropies.dim() != 2:
+        raise ValueError(f"entropies must be (B, T), got shape {tuple(entropies.shape)}")
+    if tuple(token_mask.shape) != tuple(entropies.shape):
+        raise ValueError(
+            f"token_mask shape {tuple(token_mask.shape)} != entropies shape {tuple(entropies.shape)}"
+        )
+    return token_mask if token_mask.dtype == torch.bool else token_mask != 0
+
+
+def top_entropy_mask(
+    entropies: torch.Tensor,
+    token_mask: torch.Tensor,
+    rho: float,
+    scope: str = "batch",
+    group_size: int | None = None,
+) -> torch.Tensor:
+    """Forking tokens: the k highest-entropy valid tokens of each pool (SPINE v1, 80/20 rule).
+
+        n    = number of valid tokens (token_mask True) in the pool
+        k    = ceil(rho * n - 1e-9)              (float64; the 1e-9 absorbs 0.14 * 50 = 7.0000000001)
+        mask = the k valid tokens of largest entropy; ties -> lower row-major index in the pool
+
+    ===========  =======  ===============================================================
+    argument     shape    notes
+    ===========  =======  ===============================================================
+    entropies    (B, T)   any float dtype; detached (selection takes no gradient)
+    token_mask   (B, T)   bool (or 0/1); False = padding, never selected
+    returns      (B, T)   bool, exactly k True per pool
+    ===========  =======  ===============================================================
+
+    ``scope`` sets the pool: ``"batch"`` (all B x T positions; the default, as in "Beyond the
+    80/20 Rule"), ``"group"`` (each block of ``group_size`` consecutive responses -- the G samples
+    of one question; B % group_size must be 0) or ``"response"`` (each row). rho = 0 selects
+    nothing, rho = 1 returns exactly ``token_mask``. Padding is never selected whatever its entropy
+    (+inf, NaN); a NaN entropy on a *valid* token ranks below every number (so it is selected only
+    when k reaches it). Exactly k per pool, deterministic: a stable sort on descending entropy keeps
+    the lower index first among equal values. Uses sort, not ``torch.quantile`` (2^24 size limit,
+    interpolation between tied values). For a pool spread over micro-batches or processes, gather
+    the valid entropies and use :func:`entropy_threshold`.
+    """
+    rho = _check_rho(rho)
+    valid = _check_selection_inputs(entropies, token_mask)
+    b, t = entropies.shape
+    if scope == "batch":
+        pools = 1
+    elif scope == "group":
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"scope='group' needs a positive int group_size, got {group_size!r}")
+        if b % group_size:
+            raise ValueError(f"scope='group': batch size {b} is not a multiple of group_size {group_size}")
+        pools = b // group_size
+    elif scope == "response":
+        pools = b
+    else:
+        raise ValueError(f"scope must be 'batch', 'group' or 'response', got {scope!r}")
+    if b * t == 0:
+        return torch.zeros_like(valid)
+
+    # Row-major reshape: pool p holds responses [p*G, (p+1)*G) laid end to end, so a position's
+    # index along dim 1 is its flat index within the pool -- the tie-break order.
+    h = entropies.detach().reshape(pools, -1)
+    v = valid.reshape(pools, -1)
+    if not h.is_floating_point():
+        h = h.float()
+    # Padding and NaN -> -inf so they sort last; padding is then skipped by counting only valid
+    # entries below (a valid -inf and a padding -inf may interleave, but only valid ones count).
+    key = h.masked_fill(~v | torch.isnan(h), float("-inf"))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    v_sorted = v.gather(1, order)
+    rank = v_sorted.cumsum(1)  # 1-based rank among valid tokens in sorted order
+    n = v.sum(1)
+    # Same float64 arithmetic as _num_selected (IEEE: identical to math.ceil(rho * n - 1e-9)).
+    k = torch.ceil(n.to(torch.float64) * rho - 1e-9).clamp_(min=0).to(n.dtype)
+    k = torch.minimum(k, n)
+    chosen_sorted = v_sorted & (rank <= k.unsqueeze(1))
+    mask = torch.zeros_like(v).scatter_(1, order, chosen_sorted)
+    return mask.reshape(b, t)
+
+
+def entropy_threshold(values: torch.Tensor, rho: float) -> float:
+    """The entropy of the k-th largest value of a pool, k = ceil(rho * n - 1e-9).
+
+    ========  =====  ==============================================================
+    argument  shape  notes
+    ========  =====  ==============================================================
+    values    (n,)   valid entropies only (any shape is flattened), e.g. gathered
+                     across micro-batches or processes
+    returns   float  +inf when k == 0 (then ``entropies >= threshold`` selects nothing)
+    ========  =====  ==============================================================
+
+    Apply it as ``(entropies >= threshold) & token_mask``. With distinct values this selects the
+    same k tokens as :func:`top_entropy_mask` (scope="batch"); with ties at the threshold it selects
+    *every* tied token, i.e. possibly more than k, whereas :func:`top_entropy_mask` breaks ties by
+    index and selects exactly k. NaN values rank below every number.
+    """
+    rho = _check_rho(rho)
+    flat = values.detach().reshape(-1)
+    if not flat.is_floating_point():
+        flat = flat.float()
+    k = _num_selected(rho, flat.numel())
+    if k == 0:
+        return math.inf
+    flat = flat.masked_fill(torch.isnan(flat), float("-inf"))
+    # k-th largest == (n - k + 1)-th smallest; kthvalue is a selection, not a full sort.
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+
+
+def otsu_mask(entropies: torch.Tensor, token_mask: torch.Tensor, bins: int = 100) -> torch.Tensor:
+    """SPINE v2 forking tokens: per response, the high class of an Otsu split of its entropies.
+
+    For each row, over its valid tokens (token_mask True, finite entropy) with min m, max M:
+
+        histogram into ``bins`` equal-width bins over [m, M] (exactly as numpy.histogram: bin i is
+        [e_i, e_{i+1}), the last bin also holds M; e = linspace(m, M, bins + 1))
+        c_i = count in bin i,  x_i = (e_i + e_{i+1}) / 2  (bin centre),  n = sum c_i
+        for k = 0 .. bins-2 (low class = bins 0..k, high class = bins k+1..):
+            w0 = sum_{i<=k} c_i / n,          w1 = 1 - w0
+            mu0 = sum_{i<=k} c_i x_i / (n w0), mu1 = sum_{i>k} c_i x_i / (n w1)
+            sigma_b(k) = w0 w1 (mu0 - mu1)^2  (0 if a class is empty)
+        k* = the first (smallest) k maximising sigma_b
+        select  H > m + (k* + 1) (M - m) / bins      (strictly above the upper edge of bin k*)
+
+    A row with <= 1 valid token, or with all valid entropies equal, selects all its valid tokens.
+    Because of the strict ">", a value lying exactly on that edge is not selected even though the
+    histogram puts it in bin k*+1 (e.g. [0, 1, 2, 3, 4] with bins=4 -> k* = 1, edge 2 -> only 3, 4).
+
+    ===========  ========  ==================================================
+    argument     shape     notes
+    ===========  ========  ==================================================
+    entropies    (B, T)    any float dtype (binned in float64); detached
+    token_mask   (B, T)    bool (or 0/1); padding never selected
+    returns      (B, T)    bool
+    ===========  ========  ==================================================
+
+    Non-finite entropies on valid positions are ignored (excluded from the statistics, never
+    selected). Examples: [0, 0, 2, 3] -> [F, F, T, T]; [0, 0.02, 2, 3] -> [F, F, T, T] (0.02 shares
+    bin 0 with 0; the cut is the bin's upper edge 0.03, not its centre 0.015).
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"bins must be an int >= 2, got {bins!r}")
+    valid = _check_selection_inputs(entropies, token_mask)
+    if entropies.numel() == 0:
+        return torch.zeros_like(valid)
+    f64 = torch.float64
+    h = entropies.detach().to(f64)
+    valid = valid & torch.isfinite(h)
+    n = valid.sum(1)
+    lo = h.masked_fill(~valid, math.inf).amin(1)
+    hi = h.masked_fill(~valid, -math.inf).amax(1)
+    degenerate = (n <= 1) | (lo == hi)
+    # Placeholder range [0, 1] for degenerate rows keeps the arithmetic below NaN-free; their
+    # result is overwritten at the end.
+    lo = torch.where(degenerate, torch.zeros_like(lo), lo)
+    hi = torch.where(degenerate, torch.ones_like(hi), hi)
+    span = hi - lo
+    x = torch.where(valid, h, lo.unsqueeze(1))  # padding parked at the row minimum, weight 0 below
+
+    # Bin edges and indices computed as numpy.histogram does (linspace edges, then a +-1 fix-up for
+    # values within an ulp of an edge), so a numpy-based reference agrees bin for bin.
+    edges = torch.arange(bins + 1, dtype=f64, device=h.device) * (span / bins).unsqueeze(1) + lo.unsqueeze(1)
+    edges[:, -1] = hi
+    idx = (((x - lo.unsqueeze(1)) / span.unsqueeze(1)) * bins).long()  # trunc == floor, x >= lo
+    idx = idx.clamp_(max=bins - 1)  # only x == hi reaches `bins`: numpy puts it in the last bin
+    idx -= (x < edges.gather(1, idx)).long()
+    idx += ((x >= edges.gather(1, idx + 1)) & (idx != bins - 1)).long()
+
+    counts = torch.zeros(h.shape[0], bins, dtype=f64, device=h.device)
+    counts.scatter_add_(1, idx, valid.to(f64))
+    centres = (edges[:, :-1] + edges[:, 1:]) / 2
+    mass = counts * centres
+    # Class sums for every split k = 0..bins-2 at once: prefix sums for the low class, suffix sums
+    # for the high class (suffix rather than total - prefix: no cancellation).
+    c0 = counts.cumsum(1)[:, :-1]
+    c1 = counts.flip(1).cumsum(1).flip(1)[:, 1:]
+    s0 = mass.cumsum(1)[:, :-1]
+    s1 = mass.flip(1).cumsum(1).flip(1)[:, 1:]
+    nf = n.to(f64).clamp(min=1).unsqueeze(1)
+    both = (c0 > 0) & (c1 > 0)
+    mu0 = s0 / c0.clamp(min=1)
+    mu1 = s1 / c1.clamp(min=1)
+    between = torch.where(both, (c0 / nf) * (c1 / nf) * (mu0 - mu1) ** 2, torch.zeros_like(mu0))
+    k = between.argmax(1)  # first maximum on ties (documented torch.argmax behaviour)
+    cut = lo + (k + 1).to(f64) * span / bins
+    mask = valid & (h > cut.unsqueeze(1))
+    return torch.where(degenerate.unsqueeze(1), valid, mask)

@@ -1,0 +1,681 @@
+"""Tests for spine_ttrl.tokens: hand-computed values, chunking invariance, reference-vs-vectorised
+equivalence (slow pure-Python loops), gradients (vs plain autograd and gradcheck) and memory."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.testing import assert_close
+
+from spine_ttrl.tokens import (
+    DEFAULT_CHUNK_SIZE,
+    entropy_threshold,
+    logprobs_and_entropy,
+    otsu_mask,
+    token_entropy,
+    token_logprobs,
+    top_entropy_mask,
+)
+
+LN3 = math.log(3.0)
+# p = [1/4, 3/4]: H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.25 * 1.386294 + 0.75 * 0.287682 = 0.562335
+H_QUARTER = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+
+
+# ---------------------------------------------------------------------------------------------
+# token_entropy / token_logprobs: hand-computed values
+# ---------------------------------------------------------------------------------------------
+
+
+def test_entropy_uniform_is_log_vocab():
+    # 4 equal logits -> p = 1/4 each -> H = ln 4 = 1.386294
+    h = token_entropy(torch.zeros(1, 1, 4))
+    assert h.shape == (1, 1) and h.dtype == torch.float32
+    assert_close(h, torch.tensor([[math.log(4.0)]]))
+    assert abs(math.log(4.0) - 1.3862944) < 1e-6
+
+
+def test_entropy_and_logprobs_two_logits_by_hand():
+    # logits [0, ln 3] -> exp = [1, 3] -> p = [1/4, 3/4]; H = 0.562335
+    logits = torch.tensor([[[0.0, LN3], [0.0, LN3]]])
+    assert_close(token_entropy(logits), torch.tensor([[H_QUARTER, H_QUARTER]]))
+    assert abs(H_QUARTER - 0.5623351) < 1e-6
+    # logprob of token 1 = ln 3/4 = -0.287682, of token 0 = ln 1/4 = -1.386294
+    lp = token_logprobs(logits, torch.tensor([[1, 0]]))
+    assert_close(lp, torch.tensor([[math.log(0.75), math.log(0.25)]]))
+
+
+def test_temperature_divides_logits():
+    # logits [0, 2 ln 3] at T = 2 -> z = [0, ln 3] -> p = [1/4, 3/4] -> H = 0.562335, lp(1) = ln 3/4.
+    # Without the temperature: p = [1/10, 9/10], H = -(0.1 ln 0.1 + 0.9 ln 0.9) = 0.325083.
+    logits = torch.tensor([[[0.0, 2 * LN3]]])
+    tok = torch.tensor([[1]])
+    assert_close(token_entropy(logits, temperature=2.0), torch.tensor([[H_QUARTER]]))
+    assert_close(token_logprobs(logits, tok, temperature=2.0), torch.tensor([[math.log(0.75)]]))
+    h_plain = -(0.1 * math.log(0.1) + 0.9 * math.log(0.9))
+    assert_close(token_entropy(logits), torch.tensor([[h_plain]]))
+    # T = 1 and T = None are the same computation
+    assert torch.equal(token_entropy(logits, temperature=1.0), token_entropy(logits))
+
+
+def test_masked_vocab_entries_contribute_zero():
+    # logits [0, 0, -inf] -> p = [1/2, 1/2, 0] -> H = ln 2; 0 * log 0 must not become NaN,
+    # neither in the value nor in the gradient.
+    logits = torch.tensor([[[0.0, 0.0, float("-inf")]]], requires_grad=True)
+    h = token_entropy(logits)
+    assert_close(h, torch.tensor([[math.log(2.0)]]))
+    (g,) = torch.autograd.grad(h.sum(), logits)
+    # dH/dz_j = -p_j (ln p_j + H): for j = 0, 1: -(1/2)(ln 1/2 + ln 2) = 0; for j = 2: p = 0 -> 0
+    assert torch.isfinite(g).all()
+    assert_close(g, torch.zeros_like(g))
+    lp = token_logprobs(logits, torch.tensor([[1]]))
+    (g,) = torch.autograd.grad(lp.sum(), logits)
+    assert_close(g, torch.tensor([[[-0.5, 0.5, 0.0]]]))  # onehot(1) - p
+
+
+def _plain_stats(logits, tokens=None, temperature=None):
+    z = logits.double()
+    if temperature is not None:
+        z = z / temperature
+    logp = torch.log_softmax(z, -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    lp = None if tokens is None else logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return lp, ent
+
+
+@pytest.mark.parametrize("temperature", [None, 0.7])
+def test_logits_functions_chunk_invariant_and_match_plain_autograd(temperature):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 17, generator=g) * 3).requires_grad_()
+    tokens = torch.randint(0, 17, (3, 5), generator=g)
+    up_h, up_lp = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    ref_lp, ref_h = _plain_stats(logits, tokens, temperature)
+    (ref_g_h,) = torch.autograd.grad((ref_h * up_h).sum(), logits, retain_graph=True)
+    (ref_g_lp,) = torch.autograd.grad((ref_lp * up_lp).sum(), logits)
+    for cs in (1, 3, 4, 1000):
+        h = token_entropy(logits, chunk_size=cs, temperature=temperature)
+        lp = token_logprobs(logits, tokens, chunk_size=cs, temperature=temperature)
+        assert_close(h.double(), ref_h, atol=1e-5, rtol=1e-5)
+        assert_close(lp.double(), ref_lp, atol=1e-5, rtol=1e-5)
+        (g_h,) = torch.autograd.grad((h * up_h).sum(), logits)
+        (g_lp,) = torch.autograd.grad((lp * up_lp).sum(), logits)
+        assert_close(g_h.double(), ref_g_h.to(torch.float64), atol=1e-5, rtol=1e-5)
+        assert_close(g_lp.double(), ref_g_lp.to(torch.float64), atol=1e-5, rtol=1e-5)
+
+
+def test_logits_functions_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 5, (2, 3), generator=g)
+    assert torch.autograd.gradcheck(lambda x: token_entropy(x, chunk_size=2, temperature=1.3), (logits,))
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, tokens, chunk_size=4), (logits,))
+
+
+def test_logits_functions_bf16_input_fp32_output():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 9, generator=g).bfloat16().requires_grad_()
+    h = token_entropy(logits, chunk_size=3)
+    assert h.dtype == torch.float32
+    # softmax of the bf16 values evaluated in fp32: equal to the fp32 computation on the same values
+    _, ref = _plain_stats(logits.detach().float())
+    assert_close(h.double(), ref, atol=1e-6, rtol=1e-6)
+    (g_logits,) = torch.autograd.grad(h.sum(), logits)
+    assert g_logits.dtype == torch.bfloat16
+
+
+def test_logits_functions_validate_arguments():
+    logits = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        token_entropy(logits, chunk_size=0)
+    with pytest.raises(ValueError, match="temperature"):
+        token_entropy(logits, temperature=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        token_logprobs(logits, torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids"):
+        token_logprobs(logits, torch.tensor([[0, 4]]))
+    with pytest.raises(ValueError, match="token ids"):
+        token_logprobs(logits, torch.tensor([[-100, 1]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# logprobs_and_entropy: against the plain full-logits computation
+# ---------------------------------------------------------------------------------------------
+
+
+def _full_path(hidden, weight, tokens, temperature=None, bias=None):
+    """The straightforward path: materialise (B, T, V) logits, fp64 log-softmax."""
+    z = F.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
+    return _plain_stats(z, tokens, temperature)
+
+
+@pytest.mark.parametrize(
+    "shape, chunk, temperature, with_bias, seed",
+    [
+        ((2, 5, 8, 13), 3, None, False, 0),
+        ((1, 7, 4, 50), 1, 0.6, False, 1),
+        ((3, 4, 16, 31), 5, 1.7, True, 2),
+        ((4, 9, 6, 7), 1000, None, True, 3),
+        ((2, 6, 12, 97), 4, 1.0, False, 4),
+    ],
+)
+def test_logprobs_and_entropy_matches_full_logits(shape, chunk, temperature, with_bias, seed):
+    b, t, d, v = shape
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, d, generator=g, requires_grad=True)
+    weight = (torch.randn(v, d, generator=g) * 0.5).requires_grad_()
+    bias = torch.randn(v, generator=g).requires_grad_() if with_bias else None
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    up_lp, up_h = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
+    inputs = [hidden, weight] + ([bias] if with_bias else [])
+
+    ref_lp, ref_h = _full_path(hidden, weight, tokens, temperature, bias)
+    ref_grads = torch.autograd.grad((ref_lp * up_lp).sum() + (ref_h * up_h).sum(), inputs)
+
+    lp, h = logprobs_and_entropy(
+        hidden, weight, tokens, chunk_size=chunk, temperature=temperature, lm_head_bias=bias
+    )
+    assert lp.shape == h.shape == (b, t) and lp.dtype == h.dtype == torch.float32
+    assert_close(lp.double(), ref_lp, atol=1e-5, rtol=1e-5)
+    assert_close(h.double(), ref_h, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad((lp * up_lp).sum() + (h * up_h).sum(), inputs)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float32
+        assert_close(got.double(), want.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_and_entropy_each_output_alone():
+    # An unused output arrives in backward as None and its terms are skipped: each output's
+    # gradient alone must still be right.
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 3, 6, generator=g, requires_grad=True)
+    weight = torch.randn(11, 6, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 11, (2, 3), generator=g)
+    ref_lp, ref_h = _full_path(hidden, weight, tokens, 0.8)
+    lp, h = logprobs_and_entropy(hidden, weight, tokens, chunk_size=2, temperature=0.8)
+    for out, ref in ((lp, ref_lp), (h, ref_h)):
+        got = torch.autograd.grad(out.sum(), [hidden, weight], retain_graph=True)
+        want = torch.autograd.grad(ref.sum(), [hidden, weight], retain_graph=True)
+        for a, w in zip(got, want):
+            assert_close(a.double(), w.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_and_entropy_frozen_head_gives_no_weight_grad():
+    # LoRA / frozen head: W.requires_grad = False -> no grad_W is computed or stored.
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(2, 4, 5, generator=g, requires_grad=True)
+    weight = torch.randn(9, 5, generator=g)
+    tokens = torch.randint(0, 9, (2, 4), generator=g)
+    lp, h = logprobs_and_entropy(hidden, weight, tokens, chunk_size=3, temperature=1.4)
+    (lp.sum() + h.sum()).backward()
+    assert weight.grad is None
+    ref_lp, ref_h = _full_path(hidden, weight, tokens, 1.4)
+    (want,) = torch.autograd.grad(ref_lp.sum() + ref_h.sum(), hidden)
+    assert_close(hidden.grad.double(), want.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_and_entropy_gradcheck_float64():
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 6, (2, 3), generator=g)
+
+    def fn(h, w, b):
+        return logprobs_and_entropy(h, w, tokens, chunk_size=4, temperature=0.9, lm_head_bias=b)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_logprobs_and_entropy_chunk_invariant_and_noncontiguous_hidden():
+    g = torch.Generator().manual_seed(8)
+    full_hidden = torch.randn(3, 8, 10, generator=g)
+    hidden = full_hidden[:, :-1]  # the usual "drop the last position" slice: not contiguous as (B*T, D)
+    weight = torch.randn(23, 10, generator=g)
+    tokens = torch.randint(0, 23, (3, 7), generator=g)
+    results = [logprobs_and_entropy(hidden, weight, tokens, chunk_size=cs) for cs in (1, 3, 1000)]
+    with torch.no_grad():  # the old / reference log-prob pass
+        lp0, h0 = logprobs_and_entropy(hidden, weight, tokens, chunk_size=3)
+    assert lp0.grad_fn is None and torch.equal(lp0, results[1][0]) and torch.equal(h0, results[1][1])
+    for lp, h in results[1:]:
+        assert_close(lp, results[0][0], atol=1e-6, rtol=1e-6)
+        assert_close(h, results[0][1], atol=1e-6, rtol=1e-6)
+    # and the values agree with the logits-based functions on the materialised logits
+    logits = F.linear(hidden, weight)
+    assert_close(results[0][0], token_logprobs(logits, tokens), atol=1e-6, rtol=1e-6)
+    assert_close(results[0][1], token_entropy(logits), atol=1e-6, rtol=1e-6)
+
+
+def test_logprobs_and_entropy_bf16_follows_lm_head_dtype():
+    # bf16 model: the matmul runs in bf16 (like lm_head(hidden)), softmax in fp32; grads in bf16.
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(2, 5, 16, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(40, 16, generator=g) * 0.3).bfloat16().requires_grad_()
+    tokens = torch.randint(0, 40, (2, 5), generator=g)
+    lp, h = logprobs_and_entropy(hidden, weight, tokens, chunk_size=3)
+    assert lp.dtype == h.dtype == torch.float32
+    logits = F.linear(hidden, weight)  # bf16 logits, as the model would produce them
+    assert_close(lp, token_logprobs(logits, tokens), atol=1e-2, rtol=1e-2)
+    assert_close(h, token_entropy(logits), atol=1e-2, rtol=1e-2)
+    gh, gw = torch.autograd.grad(lp.sum() + h.sum(), [hidden, weight])
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    ref_loss = token_logprobs(logits, tokens).sum() + token_entropy(logits).sum()
+    rh, rw = torch.autograd.grad(ref_loss, [hidden, weight])
+    assert_close(gh.float(), rh.float(), atol=5e-2, rtol=5e-2)
+    assert_close(gw.float(), rw.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_logprobs_and_entropy_under_autocast():
+    # fp32 parameters under bf16 autocast: matmul in bf16, softmax in fp32, fp32 grads.
+    g = torch.Generator().manual_seed(10)
+    hidden = torch.randn(2, 5, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(40, 16, generator=g) * 0.3).requires_grad_()
+    tokens = torch.randint(0, 40, (2, 5), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, h = logprobs_and_entropy(hidden, weight, tokens, chunk_size=4)
+        logits = F.linear(hidden, weight)
+    assert logits.dtype == torch.bfloat16 and lp.dtype == torch.float32
+    assert_close(lp, token_logprobs(logits, tokens), atol=1e-4, rtol=1e-4)
+    assert_close(h, token_entropy(logits), atol=1e-4, rtol=1e-4)
+    gh, gw = torch.autograd.grad(lp.sum() + h.sum(), [hidden, weight])
+    assert gh.dtype == gw.dtype == torch.float32
+    ref_lp, ref_h = _full_path(hidden, weight, tokens)
+    rh, rw = torch.autograd.grad(ref_lp.sum() + ref_h.sum(), [hidden, weight])
+    assert_close(gh.double(), rh.double(), atol=5e-2, rtol=5e-2)
+    assert_close(gw.double(), rw.double(), atol=5e-2, rtol=5e-2)
+
+
+def test_logprobs_and_entropy_bias_masking_vocab_with_minus_inf():
+    # A bias of -inf removes vocabulary entries: p = 0 there, and 0 * log 0 must stay 0 (no NaN).
+    g = torch.Generator().manual_seed(13)
+    hidden = torch.randn(2, 3, 4, generator=g, requires_grad=True)
+    weight = torch.randn(6, 4, generator=g, requires_grad=True)
+    bias = torch.tensor([0.0, float("-inf"), 0.5, float("-inf"), 0.0, 0.0], requires_grad=True)
+    tokens = torch.tensor([[0, 2, 4], [5, 0, 2]])
+    lp, h = logprobs_and_entropy(hidden, weight, tokens, chunk_size=2, lm_head_bias=bias)
+    logits = F.linear(hidden, weight, bias)
+    ref_lp, ref_h = token_logprobs(logits, tokens), token_entropy(logits)
+    assert_close(lp, ref_lp)
+    assert_close(h, ref_h)
+    # same as the 4-word vocabulary without the masked entries
+    keep = torch.tensor([0, 2, 4, 5])
+    _, small_h = _full_path(hidden, weight[keep], None, bias=bias[keep])
+    assert_close(h.double(), small_h, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(lp.sum() + h.sum(), [hidden, weight])
+    want = torch.autograd.grad(ref_lp.sum() + ref_h.sum(), [hidden, weight])
+    for a, w in zip(grads, want):
+        assert torch.isfinite(a).all()
+        assert_close(a, w, atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_and_entropy_validates_arguments():
+    hidden, weight = torch.zeros(1, 2, 3), torch.zeros(5, 3)
+    with pytest.raises(ValueError, match="lm_head_weight"):
+        logprobs_and_entropy(hidden, torch.zeros(5, 4), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="tokens shape"):
+        logprobs_and_entropy(hidden, weight, torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids"):
+        logprobs_and_entropy(hidden, weight, torch.tensor([[0, 5]]))
+    with pytest.raises(ValueError, match="lm_head_bias"):
+        logprobs_and_entropy(hidden, weight, torch.zeros(1, 2, dtype=torch.long), lm_head_bias=torch.zeros(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: peak of forward + backward stays flat in T (measured with the torch profiler)
+# ---------------------------------------------------------------------------------------------
+
+
+def _peak_bytes(fn) -> int:
+    """Peak bytes allocated by torch's CPU allocator while ``fn`` runs, above the level at entry.
+
+    ``profile_memory=True`` records every allocation and free as a "[memory]" event with its signed
+    size; their running sum in time order is the allocated total, its maximum the peak. (tracemalloc
+    does not see torch's allocations and RSS is blurred by malloc caching, so neither is used.)
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def test_logprobs_and_entropy_peak_memory_flat_in_sequence_length():
+    torch.manual_seed(11)
+    v, d, chunk = 8192, 64, 256
+    weight = (torch.randn(v, d) * 0.1).requires_grad_()
+
+    def plain_stats(hidden, tokens):
+        logp = torch.log_softmax(F.linear(hidden, weight), -1)
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+    def run(t, kind):
+        hidden = torch.randn(1, t, d, requires_grad=True)
+        tokens = torch.randint(0, v, (1, t))
+
+        def step():
+            if kind == "ours":
+                lp, h = logprobs_and_entropy(hidden, weight, tokens, chunk_size=chunk)
+            elif kind == "autograd_chunks":  # chunked forward, but autograd keeps every chunk
+                spans = [slice(s, s + chunk) for s in range(0, t, chunk)]
+                parts = [plain_stats(hidden[:, sl], tokens[:, sl]) for sl in spans]
+                lp, h = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+            else:
+                lp, h = plain_stats(hidden, tokens)
+            torch.autograd.grad(lp.sum() + h.sum(), [hidden, weight])
+
+        return _peak_bytes(step)
+
+    mb = 2**20
+    logits_bytes = 2048 * v * 4  # one fp32 (T, V) logits tensor at T = 2048: 64 MB
+    full_long = run(2048, "full")
+    short, long = run(256, "ours"), run(2048, "ours")
+    control_short, control_long = run(256, "autograd_chunks"), run(2048, "autograd_chunks")
+    # The measurement is meaningful: it sees the full path materialise several (T, V) tensors, and
+    # it sees a chunked forward whose backward keeps all chunks grow with T (measured: 40 -> 152 MB).
+    assert full_long >= 2 * logits_bytes, full_long / mb
+    assert control_long - control_short > logits_bytes, (control_short / mb, control_long / mb)
+    # Flat in T: 8x more rows add only O(T * D) hidden/grad terms (0.5 MB), far below one (T, V).
+    # (measured: 18.1 MB at T = 256, 18.5 MB at T = 2048)
+    assert long - short < 0.1 * logits_bytes, (short / mb, long / mb)
+    # Bounded by a few chunk x V fp32 buffers (8 MB each) plus W and grad_W (2 MB each).
+    assert long < 6 * chunk * v * 4 + 4 * v * d * 4, long / mb
+    assert long * 4 < full_long, (long / mb, full_long / mb)
+
+
+# ---------------------------------------------------------------------------------------------
+# top_entropy_mask / entropy_threshold
+# ---------------------------------------------------------------------------------------------
+
+
+def _t(rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _m(rows):
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def test_top_entropy_mask_hand_case_batch():
+    # valid: 0.5 0.9 0.1 | 0.9 0.2 (last of row 2 is padding) -> n = 5, k = ceil(0.5 * 5) = 3.
+    # Ranking: 0.9 (flat 1), 0.9 (flat 3; tie -> lower index first), 0.5 (flat 0).
+    ent = _t([[0.5, 0.9, 0.1], [0.9, 0.2, 0.0]])
+    mask = _m([[1, 1, 1], [1, 1, 0]])
+    got = top_entropy_mask(ent, mask, 0.5)
+    assert torch.equal(got, _m([[1, 1, 0], [1, 0, 0]]))
+
+
+def test_top_entropy_mask_ties_prefer_lower_index():
+    # three equal values, k = ceil(0.5 * 3) = 2 -> the first two positions in row-major order
+    ent = _t([[0.7, 0.7], [0.7, 0.1]])
+    mask = _m([[1, 1], [1, 0]])
+    assert torch.equal(top_entropy_mask(ent, mask, 0.5), _m([[1, 1], [0, 0]]))
+    # all-equal entropies, 6 valid, rho = 1/3 -> k = 2 -> flat indices 0 and 1
+    ent = torch.full((2, 3), 2.0)
+    all_valid = torch.ones(2, 3, dtype=torch.bool)
+    assert torch.equal(top_entropy_mask(ent, all_valid, 1 / 3), _m([[1, 1, 0], [0, 0, 0]]))
+
+
+def test_top_entropy_mask_rho_edges_and_empty():
+    ent = _t([[0.5, float("nan"), 0.1], [float("inf"), 0.2, 0.0]])
+    mask = _m([[1, 0, 1], [0, 1, 1]])
+    assert not top_entropy_mask(ent, mask, 0.0).any()
+    # rho = 1 is exactly token_mask, even with NaN / +inf on the padding
+    assert torch.equal(top_entropy_mask(ent, mask, 1.0), mask)
+    # no valid token at all -> nothing
+    assert not top_entropy_mask(ent, torch.zeros(2, 3, dtype=torch.bool), 0.5).any()
+    # an empty batch is fine
+    assert top_entropy_mask(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.bool), 0.5).shape == (0, 4)
+
+
+def test_top_entropy_mask_padding_with_huge_or_nan_entropy_never_selected():
+    # padding carries +inf, 1e30 and NaN; valid values 1, 2, 3, 4 (n = 4), rho = 0.5 -> k = 2 -> {4, 3}
+    ent = _t([[float("inf"), 1.0, 1e30, 2.0], [3.0, float("nan"), 4.0, float("inf")]])
+    mask = _m([[0, 1, 0, 1], [1, 0, 1, 0]])
+    for scope in ("batch", "response"):
+        got = top_entropy_mask(ent, mask, 0.5, scope=scope)
+        assert not (got & ~mask).any()
+    assert torch.equal(top_entropy_mask(ent, mask, 0.5), _m([[0, 0, 0, 0], [1, 0, 1, 0]]))
+
+
+def test_top_entropy_mask_valid_nan_ranks_last():
+    # valid values [nan, 1, 2]: NaN ranks below 1; k = ceil(2/3 * 3) = 2 -> {2, 1}; rho = 1 -> all three
+    ent = _t([[float("nan"), 1.0, 2.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    assert torch.equal(top_entropy_mask(ent, mask, 2 / 3), _m([[0, 1, 1]]))
+    assert torch.equal(top_entropy_mask(ent, mask, 1.0), mask)
+
+
+@pytest.mark.parametrize(
+    "rho, n, k",
+    [
+        (0.2, 5, 1),  # 0.2 * 5 = 1.0
+        (0.3, 10, 3),  # 0.3 * 10 = 3.0
+        (0.14, 50, 7),  # 0.14 * 50 = 7.000000000000001 in float64: a plain ceil would give 8
+        (0.28, 25, 7),  # 7.000000000000001 again
+        (0.21, 10, 3),  # 2.1 -> 3: the 1e-9 does not eat real fractions
+        (0.2, 1, 1),  # 0.2 -> 1: any positive rho selects at least one token of a non-empty pool
+    ],
+)
+def test_top_entropy_mask_k_is_ceil_without_float_noise(rho, n, k):
+    assert 0.14 * 50 > 7  # the float noise the 1e-9 is there for
+    ent = torch.arange(n, dtype=torch.float32).unsqueeze(0)
+    got = top_entropy_mask(ent, torch.ones(1, n, dtype=torch.bool), rho)
+    assert int(got.sum()) == k
+    assert torch.equal(got[0, n - k :], torch.ones(k, dtype=torch.bool))  # the k largest
+
+
+def test_top_entropy_mask_group_and_response_scopes():
+    ent = _t([[0.9, 0.8], [0.1, 0.2], [0.5, 0.4], [0.3, 0.6]])
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    # group_size 2 -> pools rows {0, 1} and {2, 3}; n = 4 each, rho 0.5 -> k = 2 per pool
+    # pool 1: 0.9, 0.8 (both in row 0); pool 2: 0.6, 0.5
+    got = top_entropy_mask(ent, mask, 0.5, scope="group", group_size=2)
+    assert torch.equal(got, _m([[1, 1], [0, 0], [1, 0], [0, 1]]))
+    # response: k = ceil(0.5 * 2) = 1 per row -> each row's max
+    got = top_entropy_mask(ent, mask, 0.5, scope="response")
+    assert torch.equal(got, _m([[1, 0], [0, 1], [1, 0], [0, 1]]))
+    # batch: n = 8, k = 4 -> 0.9, 0.8, 0.6, 0.5
+    assert torch.equal(top_entropy_mask(ent, mask, 0.5), _m([[1, 1], [0, 0], [1, 0], [0, 1]]))
+    # group_size = B is the batch; group_size = 1 is per response
+    for size, same_as in ((4, "batch"), (1, "response")):
+        want = top_entropy_mask(ent, mask, 0.3, same_as)
+        assert torch.equal(top_entropy_mask(ent, mask, 0.3, "group", size), want)
+
+
+def test_top_entropy_mask_validates_arguments():
+    ent, mask = torch.zeros(3, 2), torch.ones(3, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        top_entropy_mask(ent, mask, 0.5, scope="group", group_size=2)
+    with pytest.raises(ValueError, match="group_size"):
+        top_entropy_mask(ent, mask, 0.5, scope="group")
+    with pytest.raises(ValueError, match="scope"):
+        top_entropy_mask(ent, mask, 0.5, scope="question")
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="rho"):
+            top_entropy_mask(ent, mask, bad)
+    with pytest.raises(ValueError, match="shape"):
+        top_entropy_mask(ent, torch.ones(2, 3, dtype=torch.bool), 0.5)
+
+
+def _top_entropy_reference(ent, mask, rho, scope, group_size):
+    """Slow reference: per pool, sort (-h, flat index) tuples, take the first k valid ones."""
+    b, t = len(ent), len(ent[0])
+    rows_per_pool = {"batch": b, "group": group_size, "response": 1}[scope]
+    out = [[False] * t for _ in range(b)]
+    for start in range(0, b, rows_per_pool):
+        items = []
+        for r in range(start, start + rows_per_pool):
+            for c in range(t):
+                if mask[r][c]:
+                    h = ent[r][c]
+                    h = -math.inf if math.isnan(h) else h
+                    items.append((-h, (r - start) * t + c, r, c))
+        k = math.ceil(float(rho) * len(items) - 1e-9)
+        for _, _, r, c in sorted(items)[:k]:
+            out[r][c] = True
+    return out
+
+
+def _coarse_entropy(rng):
+    """Mostly a few repeated values (to force ties), sometimes uniform, NaN or +inf."""
+    value = rng.choice([0.0, 0.5, 1.0, 1.5, None, float("nan"), float("inf")])
+    return rng.random() if value is None else value
+
+
+def test_top_entropy_mask_matches_reference_loop():
+    rng = random.Random(0)
+    for trial in range(300):
+        g = rng.choice([1, 2, 3])
+        b = g * rng.randint(1, 4)
+        t = rng.randint(1, 9)
+        # coarse values force many ties; a few NaN / inf on valid and padding positions
+        ent = [[_coarse_entropy(rng) for _ in range(t)] for _ in range(b)]
+        mask = [[rng.random() < 0.75 for _ in range(t)] for _ in range(b)]
+        rho = rng.choice([0.0, 0.1, 0.2, 0.25, 1 / 3, 0.5, 0.8, 1.0, rng.random()])
+        scope = rng.choice(["batch", "group", "response"])
+        want = _top_entropy_reference(ent, mask, rho, scope, g)
+        got = top_entropy_mask(torch.tensor(ent), torch.tensor(mask), rho, scope=scope, group_size=g)
+        assert got.tolist() == want, (trial, ent, mask, rho, scope, g)
+
+
+def test_entropy_threshold_hand_cases():
+    vals = torch.tensor([0.5, 0.9, 0.1, 0.9, 0.2])
+    # k = ceil(0.5 * 5) = 3 -> sorted desc 0.9, 0.9, 0.5 -> threshold 0.5
+    assert entropy_threshold(vals, 0.5) == pytest.approx(0.5)
+    # k = ceil(0.2 * 5) = 1 -> 0.9; with the tie, >= 0.9 selects two tokens (more than k)
+    thr = entropy_threshold(vals, 0.2)
+    assert thr == pytest.approx(0.9) and int((vals >= thr).sum()) == 2
+    assert entropy_threshold(vals, 0.0) == math.inf  # k = 0 -> selects nothing
+    assert entropy_threshold(torch.zeros(0), 0.5) == math.inf
+    assert entropy_threshold(vals, 1.0) == pytest.approx(0.1)
+    assert entropy_threshold(torch.tensor([float("nan"), 1.0, 2.0]), 2 / 3) == 1.0
+
+
+def test_entropy_threshold_consistent_with_top_entropy_mask():
+    gen = torch.Generator().manual_seed(12)
+    for trial in range(50):
+        b, t = 1 + trial % 4, 1 + trial % 7
+        ent = torch.rand(b, t, generator=gen)  # distinct with probability 1
+        mask = torch.rand(b, t, generator=gen) < 0.7
+        rho = float(torch.rand((), generator=gen))
+        thr = entropy_threshold(ent[mask], rho)
+        assert torch.equal((ent >= thr) & mask, top_entropy_mask(ent, mask, rho)), trial
+    # pooled across two "micro-batches": one threshold from the gathered values equals the
+    # whole-batch mask
+    ent, mask = torch.rand(6, 5, generator=gen), torch.rand(6, 5, generator=gen) < 0.8
+    thr = entropy_threshold(torch.cat([ent[:3][mask[:3]], ent[3:][mask[3:]]]), 0.2)
+    parts = [(ent[s] >= thr) & mask[s] for s in (slice(0, 3), slice(3, 6))]
+    assert torch.equal(torch.cat(parts), top_entropy_mask(ent, mask, 0.2))
+
+
+# ---------------------------------------------------------------------------------------------
+# otsu_mask
+# ---------------------------------------------------------------------------------------------
+
+
+def test_otsu_worked_examples():
+    # [0, 0, 2, 3], 100 bins over [0, 3], width 0.03: bins 0, 0, 66, 99 (centres 0.015, 1.995, 2.985).
+    # k in 0..65: w0 = w1 = 1/2, mu0 = 0.015, mu1 = 2.49 -> 0.25 * 2.475^2 = 1.531
+    # k in 66..98: w0 = 3/4, mu0 = 0.675, mu1 = 2.985 -> 0.1875 * 2.31^2 = 1.000  => k* = 0
+    # cut = 0 + 1 * 3 / 100 = 0.03 -> select 2, 3. With 0.02 instead of the second 0: same bins.
+    ent = _t([[0.0, 0.0, 2.0, 3.0], [0.0, 0.02, 2.0, 3.0]])
+    got = otsu_mask(ent, torch.ones(2, 4, dtype=torch.bool))
+    assert torch.equal(got, _m([[0, 0, 1, 1], [0, 0, 1, 1]]))
+
+
+def test_otsu_split_not_at_first_bin_and_strict_edge():
+    # [0, 1, 9, 10], bins = 10 over [0, 10] (width 1): bins 0, 1, 9, 9; centres 0.5, 1.5, 9.5, 9.5.
+    # k = 0: w0 = 1/4, mu0 = 0.5, mu1 = 20.5/3 = 6.833 -> 0.1875 * 6.333^2 = 7.52
+    # k = 1..8: w0 = 1/2, mu0 = 1, mu1 = 9.5 -> 0.25 * 8.5^2 = 18.06  => k* = 1, cut = 2 -> {9, 10}
+    got = otsu_mask(_t([[0, 1, 9, 10]]), torch.ones(1, 4, dtype=torch.bool), bins=10)
+    assert torch.equal(got, _m([[0, 0, 1, 1]]))
+    # [0, 1, 2, 3, 4], bins = 4 (width 1): bins 0, 1, 2, 3, 3; counts [1, 1, 1, 2], centres .5 1.5 2.5 3.5
+    # k = 0: .2 * .8 * (0.5 - 2.75)^2 = 0.81; k = 1: .4 * .6 * (1 - 3.1667)^2 = 1.127;
+    # k = 2: .6 * .4 * (1.5 - 3.5)^2 = 0.96  => k* = 1, cut = 0 + 2 * 4 / 4 = 2.
+    # 2.0 sits in bin 2 (high class) but is not > 2: the strict cut leaves it out.
+    got = otsu_mask(_t([[0, 1, 2, 3, 4]]), torch.ones(1, 5, dtype=torch.bool), bins=4)
+    assert torch.equal(got, _m([[0, 0, 0, 1, 1]]))
+
+
+def test_otsu_degenerate_rows_select_all_valid():
+    ent = _t([[5.0, 1.0, 7.0], [2.0, 2.0, 2.0], [0.3, 9.0, 9.0], [1.0, 2.0, 3.0]])
+    mask = _m([[0, 1, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    # row 0: one valid token -> it; row 1: all equal -> all; row 2: one valid; row 3: none
+    assert torch.equal(otsu_mask(ent, mask), mask)
+
+
+def test_otsu_padding_ignored_and_never_selected():
+    # the padding values (100, NaN, -5) must not stretch [min, max] nor be selected
+    ent = _t([[0.0, 100.0, 0.0, 2.0, float("nan"), 3.0, -5.0]])
+    mask = _m([[1, 0, 1, 1, 0, 1, 0]])
+    assert torch.equal(otsu_mask(ent, mask), _m([[0, 0, 0, 1, 0, 1, 0]]))
+    # rows are independent: the same row next to a very different one gives the same answer
+    other = _t([[50.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    both = otsu_mask(torch.cat([ent, other]), torch.cat([mask, torch.ones(1, 7, dtype=torch.bool)]))
+    assert torch.equal(both[0], _m([[0, 0, 0, 1, 0, 1, 0]])[0])
+
+
+def test_otsu_validates_arguments():
+    with pytest.raises(ValueError, match="bins"):
+        otsu_mask(torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), bins=1)
+    with pytest.raises(ValueError, match="shape"):
+        otsu_mask(torch.zeros(1, 3), torch.ones(1, 2, dtype=torch.bool))
+
+
+def _otsu_reference_row(values, mask, bins):
+    """Slow reference for one row: numpy.histogram, then a plain loop over splits k."""
+    vals = [v for v, m in zip(values, mask) if m and math.isfinite(v)]
+    keep = [bool(m) and math.isfinite(v) for v, m in zip(values, mask)]
+    if len(vals) <= 1 or max(vals) == min(vals):
+        return keep
+    lo, hi = min(vals), max(vals)
+    counts, edges = np.histogram(np.array(vals, dtype=np.float64), bins=bins, range=(lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2
+    n = len(vals)
+    best_k, best = 0, -1.0
+    for k in range(bins - 1):
+        c0 = sum(int(c) for c in counts[: k + 1])
+        c1 = n - c0
+        if c0 == 0 or c1 == 0:
+            between = 0.0
+        else:
+            mu0 = sum(float(counts[i]) * float(centres[i]) for i in range(k + 1)) / c0
+            mu1 = sum(float(counts[i]) * float(centres[i]) for i in range(k + 1, bins)) / c1
+            between = (c0 / n) * (c1 / n) * (mu0 - mu1) ** 2
+        if between > best:  # strict: the first k keeps a tie
+            best_k, best = k, between
+    cut = lo + (best_k + 1) * (hi - lo) / bins
+    return [kp and v > cut for v, kp in zip(values, keep)]
+
+
+def test_otsu_matches_reference_loop():
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        b, t = int(rng.integers(1, 5)), int(rng.integers(1, 40))
+        bins = int(rng.choice([2, 3, 10, 100]))
+        kind = trial % 3
+        if kind == 0:  # continuous entropies
+            ent = rng.gamma(1.5, 1.0, size=(b, t))
+        elif kind == 1:  # coarse values: ties and values on bin edges
+            ent = rng.integers(0, 6, size=(b, t)) * 0.5
+        else:  # bimodal, like fork / non-fork tokens
+            ent = np.where(rng.random((b, t)) < 0.2, rng.normal(3, 0.5, (b, t)), rng.exponential(0.1, (b, t)))
+        ent = ent.astype(np.float32)
+        mask = rng.random((b, t)) < 0.8
+        want = [_otsu_reference_row([float(x) for x in ent[r]], mask[r], bins) for r in range(b)]
+        got = otsu_mask(torch.from_numpy(ent), torch.from_numpy(mask), bins=bins)
+        assert got.tolist() == want, (trial, ent.tolist(), mask.tolist(), bins)
+
+
+def test_default_chunk_size_is_positive_int():
+    assert isinstance(DEFAULT_CHUNK_SIZE, int) and DEFAULT_CHUNK_SIZE > 0
