@@ -1,0 +1,78 @@
+"""Command line: ``spine-ttrl adapt`` and ``spine-ttrl eval``, generated from the config dataclasses.
+
+A thin shell over :func:`spine_ttrl.loop.adapt`. Bad input (data, config, flags) prints one
+``error: ...`` line and exits with status 2, never a traceback (set ``SPINE_TTRL_DEBUG=1`` to
+see the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import add_config_arguments, make_config, overrides_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spine-ttrl",
+        description="Label-free test-time RL of language models: SPINE, TTRL and neighbours.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{adapt,eval}")
+    p_adapt = sub.add_parser(
+        "adapt",
+        help="adapt a model on unlabeled questions, evaluating before and after",
+        description="Adapt a model on unlabeled questions (majority-vote pseudo-labels, GRPO), "
+        "evaluating before and after. With no arguments: the embedded SmolLM2-135M-Instruct on "
+        "built-in arithmetic word problems, a short demo budget.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(p_adapt)
+    p_eval = sub.add_parser(
+        "eval",
+        help="evaluate a model on questions (no training)",
+        description="Evaluate a model (an HF id, a directory such as RUN/final, or the embedded "
+        "default) on questions: greedy pass@1, avg@k, maj@k, pass@k with standard errors.",
+    )
+    add_config_arguments(p_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = overrides_from_args(args)
+    if args.command == "eval":
+        overrides["preset"] = "none"
+    config_file = args.config
+    resume = overrides.get("run", {}).get("resume")
+    if resume and not config_file:
+        # A resumed run keeps its own resolved settings; flags given now still override them.
+        config_file = str(Path(resume) / "config.toml")
+        if not Path(config_file).exists():
+            print(f"error: {resume}: not a run directory (no config.toml) - nothing to resume", file=sys.stderr)
+            return 2
+    try:
+        cfg = make_config(config_file=config_file, overrides=overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .data import DataError
+    from .loop import adapt
+
+    try:
+        adapt(cfg)
+    except (DataError, ValueError, FileNotFoundError, OSError) as exc:
+        if os.environ.get("SPINE_TTRL_DEBUG"):
+            raise
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
