@@ -87,3 +87,15 @@ def test_adapt_real_step_end_to_end(tmp_path, preset):
     for k in ("greedy_pass@1", "greedy_pass@1_se", "avg@2", "maj@2", "pass@2", "majority_ratio"):
         assert k in res.eval_after.metrics
     assert (out / "config.toml").exists() and (out / "final" / "config.json").exists()
+    # The saved model is the adapted one: same logits as the in-memory model.
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    ids = torch.tensor([[1, 504, 3458, 314, 216, 34, 1232, 216, 35, 47]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, res.model(ids).logits, atol=1e-5, rtol=0)
+    # The report names the run and embeds its plots.
+    report = (out / "report.md").read_text()
+    assert preset in report and "arith:2:3:5" in report
+    for png in ("reward.png", "length.png", "entropy.png"):
+        assert f"plots/{png}" in report and (out / "plots" / png).stat().st_size > 1000
