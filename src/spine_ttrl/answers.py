@@ -368,24 +368,28 @@ def _numeric_equal(x: str, y: str) -> bool | None:
     return va == vb
 
 
-def _verify_pair(x: str, y: str) -> bool:
+def _verify_pair(x: str, y: str, seconds: int | None = None) -> bool:
     """math-verify in both directions on two normalised answers; any error counts as False.
 
-    Runs inside the worker (or inline when there is none). math-verify's own ``SIGALRM``
-    timeouts are disabled (``None``): the caller enforces the limit.
+    Runs inside the worker with math-verify's own ``SIGALRM`` timeouts disabled (``seconds``
+    None: the caller enforces the limit), or inline with ``seconds`` on the main thread.
     """
     try:
         from math_verify import parse, verify
 
         # Wrapped in $...$ so parse reads the answer as LaTeX ("\frac12", "1/2", "0.5").
-        px = parse(f"${x}$", parsing_timeout=None)
-        py = parse(f"${y}$", parsing_timeout=None)
+        px = parse(f"${x}$", parsing_timeout=seconds)
+        py = parse(f"${y}$", parsing_timeout=seconds)
         if not px or not py:
             return False
         # verify(gold, pred) is not symmetric (sets vs elements, strictness); either way counts.
-        return bool(verify(px, py, timeout_seconds=None) or verify(py, px, timeout_seconds=None))
+        return bool(verify(px, py, timeout_seconds=seconds) or verify(py, px, timeout_seconds=seconds))
     except Exception:  # noqa: BLE001 -- a grader must never crash the training loop
         return False
+    except BaseException as exc:  # math-verify's TimeoutException derives from BaseException
+        if type(exc).__name__ == "TimeoutException":
+            return False
+        raise
 
 
 # The function the worker runs for a symbolic comparison. It is sent (pickled by reference)
@@ -568,20 +572,7 @@ def _symbolic_equal(x: str, y: str, timeout: float | None) -> bool:
 def _verify_inline_with_alarm(x: str, y: str, timeout: float) -> bool:
     """Fallback without a worker: math-verify's SIGALRM limits on the main thread, none elsewhere."""
     seconds = max(1, math.ceil(timeout)) if threading.current_thread() is threading.main_thread() else None
-    try:
-        from math_verify import parse, verify
-
-        px = parse(f"${x}$", parsing_timeout=seconds)
-        py = parse(f"${y}$", parsing_timeout=seconds)
-        if not px or not py:
-            return False
-        return bool(verify(px, py, timeout_seconds=seconds) or verify(py, px, timeout_seconds=seconds))
-    except Exception:  # noqa: BLE001
-        return False
-    except BaseException as exc:  # math-verify's TimeoutException derives from BaseException
-        if type(exc).__name__ == "TimeoutException":
-            return False
-        raise
+    return _verify_pair(x, y, seconds)
 
 
 @lru_cache(maxsize=1 << 16)

@@ -49,7 +49,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = _f("arith:2:24:0", "Questions: a .json/.jsonl/.csv file, a saved HF dataset directory, or 'arith:<level>[:<count>[:<seed>]]'.")
+    data: str = _f("arith:2:16:0", "Questions: a .json/.jsonl/.csv file, a saved HF dataset directory, or 'arith:<level>[:<count>[:<seed>]]'.")
     task: str = _f("auto", "Answer type: 'math' (boxed/number answers), 'choice' (option letters), 'auto' (choice if answers are letters or a choices column exists).", ("auto", "math", "choice"))
     limit: int = _f(0, "Use only the first N questions (0 = all).")
     max_prompt_tokens: int = _f(1024, "Longest prompt (chat-formatted, in tokens) accepted.")
@@ -84,7 +84,7 @@ class SpineConfig:
 @dataclass
 class OptimConfig:
     steps: int = _f(4, "Optimiser batches (adaptation steps) to run.")
-    questions_per_step: int = _f(6, "Questions sampled per step (optimiser batch = questions x num_train_samples completions).")
+    questions_per_step: int = _f(4, "Questions sampled per step (optimiser batch = questions x num_train_samples completions).")
     micro_batch_size: int = _f(16, "Completions per forward/backward pass (gradient accumulation over the optimiser batch).")
     updates_per_batch: int = _f(1, "Optimiser updates on each sampled batch (PPO epochs); > 1 makes the ratio differ from 1 so the clip acts.")
     lr: float = _f(2e-5, "AdamW learning rate.")

@@ -99,3 +99,27 @@ def test_adapt_real_step_end_to_end(tmp_path, preset):
     assert preset in report and "arith:2:3:5" in report
     for png in ("reward.png", "length.png", "entropy.png"):
         assert f"plots/{png}" in report and (out / "plots" / png).stat().st_size > 1000
+
+
+def test_adapt_lora_with_kl_saves_a_merged_model(tmp_path):
+    # LoRA + KL: the reference is the same model with its adapter disabled.
+    cfg = make_config("spine-v2", overrides={
+        "model": {"lora_r": 4, "lora_alpha": 8.0},
+        "data": {"data": "arith:1:2:1"},
+        "sampling": {"num_votes": 4, "num_train_samples": 4, "max_new_tokens": 16},
+        "spine": {"kl_coef": 0.1},
+        "optim": {"steps": 1, "questions_per_step": 2, "micro_batch_size": 4, "lr": 1e-3},
+        "eval": {"eval_samples": 0, "eval_max_new_tokens": 8},
+        "run": {"out": str(tmp_path / "run"), "progress": False, "seed": 3},
+    })
+    res = adapt(cfg)
+    m = res.metrics[0]
+    assert m["loss/kl"] == pytest.approx(0.0, abs=1e-6)  # one update: policy == reference at the first pass
+    assert "time/reference_s" in m and math.isfinite(m["optim/grad_norm"])
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    ids = torch.tensor([[1, 504, 3458, 314, 216, 34]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, res.model(ids).logits, atol=1e-4, rtol=0)

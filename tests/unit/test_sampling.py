@@ -218,7 +218,8 @@ def test_rows_are_grouped_consecutively_by_prompt(model):
     assert not torch.equal(groups[0, 0], groups[1, 0])
 
 
-def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson statistic and degrees of freedom (cells with expected count > 5 plus one pooled tail cell, minus 1)."""
     expected = probs * counts.sum()
     keep = expected > 5  # pool the rare tail into one cell
     obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
@@ -254,7 +255,10 @@ def test_top_p_filter_hand_numbers():
     # probabilities 0.15, 0.5, 0.05, 0.3 -> sorted 0.5 (id 1), 0.3 (id 3), 0.15 (id 0), 0.05 (id 2)
     # mass above each in sorted order: 0, 0.5, 0.8, 0.95; drop where mass above >= top_p
     logits = torch.tensor([0.15, 0.5, 0.05, 0.3]).log()
-    kept = lambda p: torch.isfinite(top_p_filter(logits, p)).nonzero().squeeze(-1).tolist()  # noqa: E731
+
+    def kept(p):
+        return torch.isfinite(top_p_filter(logits, p)).nonzero().squeeze(-1).tolist()
+
     assert kept(0.4) == [1]  # 0.5 alone reaches 0.4
     assert kept(0.7) == [1, 3]  # 0.5 < 0.7, 0.8 >= 0.7
     assert kept(0.9) == [0, 1, 3]  # 0.8 < 0.9, 0.95 >= 0.9
@@ -371,3 +375,15 @@ def test_forward_hidden_through_lora_and_gradients_flow():
     hidden.sum().backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_sampling_a_lora_wrapped_model():
+    peft = pytest.importorskip("peft")
+    from spine_ttrl.models import _wrap_lora
+
+    base = tiny_llama()
+    ref = greedy(base, max_new_tokens=8)
+    wrapped = _wrap_lora(tiny_llama(), {"r": 4, "target_modules": "all-linear"})
+    assert isinstance(wrapped, peft.PeftModel)
+    # LoRA's B starts at zero, so the wrapped model decodes exactly like the base model
+    assert torch.equal(greedy(wrapped, max_new_tokens=8).completion_ids, ref.completion_ids)
