@@ -307,11 +307,15 @@ def adapt(config: Config) -> RunResult:
     if run.resume and not (out_dir / "config.toml").exists():
         raise ValueError(f"{out_dir}: not a run directory (no config.toml) - nothing to resume")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "config.toml", config_mod.to_toml(cfg))
+    # The saved config describes the run itself: reusable with --config for a new run.
+    saved = copy.deepcopy(cfg)
+    saved.run.resume, saved.run.out = "", str(out_dir)
+    _write_atomic(out_dir / "config.toml", config_mod.to_toml(saved))
     checkpoints = list_checkpoints(out_dir) if run.resume else []
-    if not run.resume:
+    if not run.resume:  # a fresh run in an old directory: nothing of the old run may be resumed
         for name in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
             (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
 
     lora = None
     if cfg.model.lora_r:
