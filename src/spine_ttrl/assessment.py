@@ -75,7 +75,7 @@ def evaluate_prompts(
     Sampling uses its own generator seeded with ``seed``, so two evaluations with the same
     seed (before and after adaptation) draw the same random stream: a paired comparison.
     """
-    tok_eos = _eos_ids(model, tokenizer)
+    tok_eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(tok_eos))
     labels = [ex.answer for ex in examples]
     labelled = any(a is not None for a in labels)
@@ -136,7 +136,7 @@ def evaluate_prompts(
     return EvalResult(metrics=metrics, records=records)
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(model, tokenizer) -> set[int]:
     """All token ids that end a completion: the tokenizer's EOS and the generation config's."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:

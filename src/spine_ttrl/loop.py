@@ -47,7 +47,7 @@ import torch
 
 from . import config as config_mod
 from .answers import extract_answer, is_equivalent, majority_vote
-from .assessment import EvalResult, _eos_ids, evaluate_prompts
+from .assessment import EvalResult, eos_token_ids, evaluate_prompts
 from .checkpoint import (count_lines, list_checkpoints, load_checkpoint, load_trainable_state, save_checkpoint,
                          trainable_state, truncate_lines)
 from .config import Config
@@ -96,11 +96,6 @@ def autocast_dtype_for(precision: str) -> torch.dtype | None:
 
 def _autocast(dtype):
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-def _pad_right(rows: list[list[int]], pad: int) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long).reshape(len(rows), width)
 
 
 def build_training_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
@@ -324,7 +319,7 @@ def adapt(config: Config) -> RunResult:
                 "target_modules": targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]}
     model, tokenizer = load_model_and_tokenizer(cfg.model.model, lora=lora)
     amp = autocast_dtype_for(cfg.model.precision)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
 
     examples, prompt_ids, length_report = encode_examples(

@@ -1,6 +1,5 @@
 """The loop's update on a tiny random Llama: micro-batching, the skipped scoring pass, NaN guard."""
 
-import copy
 import math
 
 import pytest
