@@ -7,7 +7,6 @@ question, completion length, ``\\boxed{}`` format rate) are reported.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -81,13 +80,11 @@ def evaluate_prompts(
     labelled = any(a is not None for a in labels)
     metrics: dict[str, float] = {"questions": float(len(examples))}
     records = [{"id": ex.id, "label": ex.answer} for ex in examples]
-    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
 
     if greedy and examples:
-        with ctx:
-            roll = sample(model, [list(p) for p in prompt_ids], num_samples=1, max_new_tokens=max_new_tokens,
-                          temperature=0.0, eos_token_ids=tok_eos, pad_token_id=pad, batch_size=batch_size,
-                          progress=progress, tokenizer=tokenizer)
+        roll = sample(model, [list(p) for p in prompt_ids], num_samples=1, max_new_tokens=max_new_tokens,
+                      temperature=0.0, eos_token_ids=tok_eos, pad_token_id=pad, batch_size=batch_size,
+                      progress=progress, tokenizer=tokenizer, autocast_dtype=autocast_dtype)
         lengths = roll.completion_mask.sum(dim=1).tolist()
         answers = [extract_answer(t, task) for t in roll.texts]
         for rec, text, ans, n in zip(records, roll.texts, answers, lengths):
@@ -103,10 +100,10 @@ def evaluate_prompts(
 
     if num_samples > 0 and examples:
         gen = torch.Generator().manual_seed(seed)
-        with ctx:
-            roll = sample(model, [list(p) for p in prompt_ids], num_samples=num_samples, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, eos_token_ids=tok_eos, pad_token_id=pad,
-                          generator=gen, batch_size=batch_size, progress=progress, tokenizer=tokenizer)
+        roll = sample(model, [list(p) for p in prompt_ids], num_samples=num_samples, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_p=top_p, eos_token_ids=tok_eos, pad_token_id=pad,
+                      generator=gen, batch_size=batch_size, progress=progress, tokenizer=tokenizer,
+                      autocast_dtype=autocast_dtype)
         k = num_samples
         lengths = roll.completion_mask.sum(dim=1).tolist()
         answers = [extract_answer(t, task) for t in roll.texts]

@@ -407,11 +407,11 @@ def adapt(config: Config) -> RunResult:
             q_idx.append(order.pop(0))
         model.eval()
         t0 = time.perf_counter()
-        with log.bar(f"step {step}: sampling", unit="tok") as bar, _autocast(amp):
+        with log.bar(f"step {step}: sampling", unit="tok") as bar:
             roll = sample(model, [prompt_ids[q] for q in q_idx], num_samples=s.num_votes,
                           max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                           eos_token_ids=eos_ids, pad_token_id=pad_id, generator=sampling_gen,
-                          batch_size=s.sample_batch_size, progress=bar, tokenizer=tokenizer)
+                          batch_size=s.sample_batch_size, progress=bar, tokenizer=tokenizer, autocast_dtype=amp)
         m["time/sampling_s"] = time.perf_counter() - t0
         lengths = roll.completion_mask.sum(dim=1)
         m["completion/length_mean"] = lengths.float().mean().item()

@@ -34,7 +34,7 @@ from spine_ttrl.models import (  # noqa: E402
 )
 from spine_ttrl.sampling import sample  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 try:
     embedded_gguf_path()
@@ -44,14 +44,6 @@ except FileNotFoundError:
 QUESTION = "What is 2 + 3? Answer with a number."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core box, two intra-op threads competing with other processes made a
-    # forward 5-20x slower than one thread; one thread keeps this file well under 90 s.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

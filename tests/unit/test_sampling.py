@@ -25,6 +25,9 @@ PAD = 0
 PROMPTS = [[1, 5, 9, 13], [1, 7], [1, 20, 21, 22, 23, 24, 25], [1, 40, 41]]  # lengths 4, 2, 7, 3
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def tiny_llama(seed: int = 0, tie: bool = False, head_scale: float = 1.0) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=64,
@@ -48,14 +51,6 @@ def tiny_llama(seed: int = 0, tie: bool = False, head_scale: float = 1.0) -> Lla
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from intra-op threads, and on a busy 2-core box OpenMP
-    # threads waiting on each other made these tests 10-100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
