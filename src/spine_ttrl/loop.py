@@ -11,19 +11,19 @@ One step, in this order (the whole loop is in :func:`adapt`, readable top to bot
    Keep ``num_train_samples`` completions per question — a random subset drawn with the
    selection generator — *before* any forward pass, so no compute is spent on dropped rows.
    GRPO advantages per question group.
-4. **Score**: old log-probs and selection entropies of the whole optimiser batch from a
-   no-grad pass (logits divided by the sampling temperature). The forking mask (top-ρ over
-   the batch / group / response, or Otsu) and the band edges are computed once here, from
-   the whole batch, *before* micro-batching. When the batch is one micro-batch and there is
-   one update per batch, this pass is skipped and the values are taken, detached, from the
-   gradient pass (the ratio is then exactly 1).
+4. **Select**: the selection entropies of the whole optimiser batch are the sampler's (the
+   entropy of softmax(logits / temperature) it drew each token from). The forking mask (top-ρ
+   over the batch / group / response, or Otsu) and the band edges are computed once here, from
+   the whole batch, *before* micro-batching. The old log-probs are the detached log-probs of
+   the first update's gradient pass, which runs with the sampling weights (ratio exactly 1
+   then): no separate scoring pass.
 5. **Loss** per micro-batch with gradient: clipped policy term on the selected tokens and
    band term, both divided by the total number of completion tokens of the optimiser batch
    (the paper's convention: SPINE's step is then about ρ × TTRL's at equal learning rate);
    KL (k3, to the frozen initial model) divided by the number of tokens it is computed on.
    Log-probs and entropies come from the chunked ``logprobs_and_entropy`` path, which never
    materialises (B, T, V) logits.
-6. **Step**: AdamW, gradient clipping; a NaN/inf loss or gradient skips the step (logged).
+6. **Step**: AdamW (fused), gradient clipping; a NaN/inf loss or gradient skips the step (logged).
    bf16 autocast with fp32 master weights where the CPU supports bf16.
 
 Then log metrics, evaluate every ``eval_every`` steps, save. With ``updates_per_batch`` > 1
@@ -160,6 +160,17 @@ def select_tokens(entropies, token_mask, spine_cfg, group_size):
     raise ValueError(f"unknown selection {spine_cfg.selection!r}")
 
 
+def make_optimizer(params, o) -> torch.optim.Optimizer:
+    """AdamW with ``o``'s settings; the fused kernel where torch has one for the parameters' device
+    (CPU and CUDA in torch >= 2.4: one pass over the parameters, ~6x faster than the per-tensor
+    loop on CPU and no temporary copies), else the default implementation."""
+    kw = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kw)
+
+
 def micro_batches(B: int, size: int) -> list[list[int]]:
     """Row indices of consecutive micro-batches of at most ``size`` rows."""
     return [list(range(i, min(i + size, B))) for i in range(0, B, size)]
@@ -179,14 +190,22 @@ def score_batch(model, batch, micro_batch_size: int, *, temperature: float, chun
 
 
 def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, temperature: float, group_size: int,
-                    amp=None, ref_logp=None, log=None) -> dict[str, float]:
-    """Score the batch, select forking tokens, and run ``o.updates_per_batch`` optimiser updates.
+                    amp=None, ref_logp=None, log=None, behaviour_entropy=None) -> dict[str, float]:
+    """Select forking tokens and run ``o.updates_per_batch`` optimiser updates on one batch.
 
     ``batch`` is :func:`build_training_batch`'s output, ``advantages`` (B,), ``sp`` the
     SpineConfig (selection, band, KL) and ``o`` the OptimConfig. The forking mask and band
-    edges come from the behaviour policy's entropies over the *whole* batch, computed before
+    edges come from the behaviour policy's entropies over the *whole* batch, known before
     micro-batching; losses use one global normaliser (the batch's completion tokens), so
     gradient accumulation over micro-batches equals the full-batch gradient. Returns metrics.
+
+    Where the entropies come from:
+
+    - ``behaviour_entropy`` (B, T) given (the sampler's, ``sample(return_entropy=True)``): no
+      extra pass; the behaviour log-probs (PPO's old log-probs) are the detached log-probs of
+      the first update's gradient pass, which runs with the sampling weights.
+    - one micro-batch and one update: the gradient pass itself provides them (detached).
+    - otherwise: one no-grad scoring pass over the batch before the first update.
     """
     token_mask = batch[4]
     B, T = token_mask.shape
@@ -197,7 +216,7 @@ def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, tempe
     t0 = time.perf_counter()
     # One micro-batch and one update: the gradient pass itself provides the (detached)
     # behaviour log-probs and entropies, so the extra no-grad pass is skipped.
-    single_pass = len(mbs) == 1 and o.updates_per_batch == 1
+    single_pass = behaviour_entropy is None and len(mbs) == 1 and o.updates_per_batch == 1
     old_logp = ent_sel = fork = low = high = None
 
     def select(ent):
@@ -207,7 +226,13 @@ def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, tempe
         lo, hi = band_edges(ent, f, sp.band, sp.band_low_q, sp.band_high_q)
         return f, lo, hi
 
-    if not single_pass:
+    if behaviour_entropy is not None:
+        if behaviour_entropy.shape != token_mask.shape:
+            raise ValueError(f"behaviour_entropy has shape {tuple(behaviour_entropy.shape)}, expected {tuple(token_mask.shape)}")
+        ent_sel = behaviour_entropy.float().masked_fill(~token_mask, 0.0)
+        fork, low, high = select(ent_sel)
+        old_logp = torch.zeros(B, T)  # filled by the first update's gradient pass
+    elif not single_pass:
         old_logp, ent_sel = score_batch(model, batch, o.micro_batch_size, temperature=temperature,
                                         chunk_size=o.logit_chunk_size, amp=amp)
         fork, low, high = select(ent_sel)
@@ -227,6 +252,8 @@ def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, tempe
             if single_pass:
                 old_logp, ent_sel = lp.detach(), en.detach()
                 fork, low, high = select(ent_sel)
+            elif behaviour_entropy is not None and epoch == 0:
+                old_logp[rows] = lp.detach()
             fork_mb = fork[rows]
             loss_pl, stats = policy_loss(lp, old_logp[rows], advantages[rows], fork_mb, o.clip_eps, n_tokens)
             loss = loss_pl
@@ -352,7 +379,7 @@ def adapt(config: Config) -> RunResult:
     if sp.kl_coef > 0 and o.steps > 0:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False) if lora is None else model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay) if params else None
+    optimizer = make_optimizer(params, o) if params else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(o)) if optimizer else None
 
     # Separate generators, so that evaluation or a change of selection never shifts sampling.
@@ -411,7 +438,8 @@ def adapt(config: Config) -> RunResult:
             roll = sample(model, [prompt_ids[q] for q in q_idx], num_samples=s.num_votes,
                           max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                           eos_token_ids=eos_ids, pad_token_id=pad_id, generator=sampling_gen,
-                          batch_size=s.sample_batch_size, progress=bar, tokenizer=tokenizer, autocast_dtype=amp)
+                          batch_size=s.sample_batch_size, progress=bar, tokenizer=tokenizer, autocast_dtype=amp,
+                          return_entropy=True)
         m["time/sampling_s"] = time.perf_counter() - t0
         lengths = roll.completion_mask.sum(dim=1)
         m["completion/length_mean"] = lengths.float().mean().item()
@@ -466,6 +494,7 @@ def adapt(config: Config) -> RunResult:
         c_rows = [roll.completion_ids[r][roll.completion_mask[r]].tolist() for r in keep_rows]
         batch = build_training_batch(p_rows, c_rows, pad_id)
         token_mask = batch[4]
+        behaviour_entropy = roll.entropies[keep_rows, :token_mask.shape[1]]
         n_tokens = int(token_mask.sum())
 
         m["time/vote_s"] = time.perf_counter() - t0
@@ -481,7 +510,8 @@ def adapt(config: Config) -> RunResult:
 
         # ---- score, select, loss, optimiser step(s)
         m.update(update_on_batch(model, optimizer, params, batch, advantages, sp, o, temperature=s.temperature,
-                                 group_size=G, amp=amp, ref_logp=ref_logp, log=log))
+                                 group_size=G, amp=amp, ref_logp=ref_logp, log=log,
+                                 behaviour_entropy=behaviour_entropy))
         scheduler.step()
         m["tokens/trained"] = float(n_tokens)
         _finish_step(m, t_step, metrics_file, log)

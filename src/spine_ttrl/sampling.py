@@ -24,6 +24,9 @@ field                  shape      meaning
 ``completion_ids``     (B, T)     right-padded with ``pad_token_id``; T = longest completion
 ``completion_mask``    (B, T)     True on generated tokens, including the EOS that ended the row
 ``truncated``          (B,)       True if the row hit ``max_new_tokens`` without EOS
+``entropies``          (B, T)     with ``return_entropy=True``: entropy (nats) of the sampling
+                                  distribution softmax(logits / temperature) (before top-p) at
+                                  each generated token, 0 on padding; else None
 =====================  =========  ==========================================================
 
 Positions of left-padded rows are ``cumsum(mask) - 1`` (as in
@@ -41,6 +44,7 @@ from typing import Callable, Iterable
 import torch
 
 from spine_ttrl.models import position_ids_from_mask, unwrap_model
+from spine_ttrl.tokens import token_entropy
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Rollout:
     truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
     texts: list[str] = field(default_factory=list)  # decoded completions (if a tokenizer was given)
     group_size: int = 1  # G: consecutive rows per prompt
+    entropies: torch.Tensor | None = None  # (B, T) float32, behaviour-policy entropy per generated token
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -183,11 +188,16 @@ def _sample_chunk(
     generator: torch.Generator | None,
     progress: Callable[[int], object] | None,
     extra_kwargs: dict,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode one chunk of b rows. Returns (tokens (b, max_new_tokens), lengths (b,), finished (b,))."""
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Decode one chunk of b rows.
+
+    Returns (tokens (b, max_new_tokens), lengths (b,), finished (b,), entropies (b, max_new_tokens) or None).
+    """
     b = ids.shape[0]
     device = ids.device
     tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    entropies = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device) if return_entropy else None
     lengths = torch.zeros(b, dtype=torch.long, device=device)
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     active = torch.arange(b, device=device)  # chunk row of each active row
@@ -208,8 +218,11 @@ def _sample_chunk(
         )
         if out.past_key_values is not None:
             cache = out.past_key_values
-        tok = next_tokens(out.logits[:, -1, :].float(), temperature, top_p, generator)
+        logits = out.logits[:, -1, :].float()
+        tok = next_tokens(logits, temperature, top_p, generator)
         tokens[active, t] = tok
+        if entropies is not None:
+            entropies[active, t] = token_entropy(logits, temperature=temperature)
         lengths[active] += 1
         if progress is not None:
             progress(int(active.numel()))
@@ -226,7 +239,7 @@ def _sample_chunk(
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=-1)
         input_ids, position_ids = tok[:, None], next_pos[:, None]
         next_pos = next_pos + 1
-    return tokens, lengths, finished
+    return tokens, lengths, finished, entropies
 
 
 def sample(
@@ -244,6 +257,7 @@ def sample(
     progress: Callable[[int], object] | None = None,
     autocast_dtype: torch.dtype | None = None,
     tokenizer=None,
+    return_entropy: bool = False,
 ) -> Rollout:
     """Sample ``num_samples`` completions for each prompt (see the module docstring for shapes).
 
@@ -265,6 +279,9 @@ def sample(
             sampling distribution is always computed in fp32.
         tokenizer: if given, ``Rollout.texts`` holds the decoded completions (special tokens
             skipped).
+        return_entropy: also return ``Rollout.entropies``, the entropy of the sampling
+            distribution at every generated token (costs one log-softmax per step). The
+            training loop selects forking tokens from these, so it needs no extra scoring pass.
     """
     if not prompt_ids:
         raise ValueError("no prompts")
@@ -274,6 +291,8 @@ def sample(
         raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if return_entropy and temperature == 0:
+        raise ValueError("return_entropy needs a sampling temperature > 0 (greedy decoding has no distribution to measure)")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
@@ -293,6 +312,7 @@ def sample(
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long)
     lengths = torch.zeros(B, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool)
+    entropies = torch.zeros((B, max_new_tokens), dtype=torch.float32) if return_entropy else None
     was_training = model.training
     model.eval()
     try:
@@ -301,7 +321,7 @@ def sample(
                 stop = min(start + chunk, B)
                 # Left-padded, so the chunk's prompts sit in its last `width` columns.
                 width = int(all_prompt_mask[start:stop].sum(-1).max())
-                c_tokens, c_lengths, c_finished = _sample_chunk(
+                c_tokens, c_lengths, c_finished, c_ent = _sample_chunk(
                     model,
                     all_prompt_ids[start:stop, -width:].to(device),
                     all_prompt_mask[start:stop, -width:].to(device),
@@ -313,8 +333,11 @@ def sample(
                     generator=generator,
                     progress=progress,
                     extra_kwargs=extra_kwargs,
+                    return_entropy=return_entropy,
                 )
                 tokens[start:stop] = c_tokens.cpu()
+                if entropies is not None:
+                    entropies[start:stop] = c_ent.cpu()
                 lengths[start:stop] = c_lengths.cpu()
                 finished[start:stop] = c_finished.cpu()
     finally:
@@ -336,4 +359,5 @@ def sample(
         truncated=~finished,
         texts=texts,
         group_size=num_samples,
+        entropies=entropies[:, :T].masked_fill(~completion_mask, 0.0) if entropies is not None else None,
     )

@@ -72,4 +72,4 @@ def test_cli_flags_generated_with_help():
     ov = overrides_from_args(ns)
     assert ov == {"optim": {"lr": 1e-5, "steps": 3}, "run": {"progress": False}, "preset": "ttrl"}
     cfg = make_config(overrides=ov)
-    assert cfg.optim.lr == 1e-5 and cfg.preset == "ttrl" and cfg.optim.micro_batch_size == 16
+    assert cfg.optim.lr == 1e-5 and cfg.preset == "ttrl" and cfg.optim.micro_batch_size == 8

@@ -18,7 +18,7 @@ def _batch():
     return build_training_batch(prompts, comps, pad_id=0)
 
 
-def _update(preset, micro, updates=1, adv=None, **spine):
+def _update(preset, micro, updates=1, adv=None, behaviour_entropy=None, **spine):
     model = tiny_llama(seed=1)
     model.float()
     cfg = make_config(preset, overrides={"optim": {"micro_batch_size": micro, "updates_per_batch": updates,
@@ -26,7 +26,8 @@ def _update(preset, micro, updates=1, adv=None, **spine):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-2)
     adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2) if adv is None else adv
-    m = update_on_batch(model, opt, params, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7, group_size=2)
+    m = update_on_batch(model, opt, params, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7, group_size=2,
+                        behaviour_entropy=behaviour_entropy)
     return model, m
 
 
@@ -67,3 +68,30 @@ def test_non_finite_loss_skips_the_update():
     assert math.isnan(m["optim/grad_norm"])
     for a, b in zip(before.parameters(), after.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("preset,updates", [("ttrl", 1), ("spine", 1), ("spine-v2", 1), ("spine", 3)])
+def test_sampler_entropies_replace_the_scoring_pass_exactly(preset, updates):
+    # Given the behaviour entropies (as the sampler returns them), the update needs no scoring
+    # pass: old log-probs come from the first update's gradient pass. Same result as the
+    # scoring-pass path, with and without micro-batching, for one and several updates.
+    # (Entropies scored with the same micro-batch as the reference: bit-identical inputs, so a
+    # token sitting on a band edge cannot flip sides through rounding.)
+    from spine_ttrl.loop import score_batch
+
+    for micro in (1, 2, 4):
+        ent = score_batch(tiny_llama(seed=1).float(), _batch(), micro, temperature=0.7, chunk_size=512)[1]
+        ref, m_ref = _update(preset, micro, updates=updates)
+        other, m = _update(preset, micro, updates=updates, behaviour_entropy=ent)
+        for (n, a), b in zip(ref.named_parameters(), other.parameters()):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5, msg=n)
+        assert m["tokens/selected_fraction"] == m_ref["tokens/selected_fraction"]
+        assert m["policy/approx_kl"] == pytest.approx(m_ref["policy/approx_kl"], abs=1e-7)
+        if updates == 3:
+            assert m["policy/approx_kl"] > 0  # later updates saw the stored behaviour log-probs
+        assert m["time/scoring_s"] < 0.05  # no scoring pass was run
+
+
+def test_behaviour_entropy_of_the_wrong_shape_is_refused():
+    with pytest.raises(ValueError, match="behaviour_entropy has shape"):
+        _update("spine", 2, behaviour_entropy=torch.zeros(4, 3))

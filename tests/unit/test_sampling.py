@@ -382,3 +382,34 @@ def test_sampling_a_lora_wrapped_model():
     assert isinstance(wrapped, peft.PeftModel)
     # LoRA's B starts at zero, so the wrapped model decodes exactly like the base model
     assert torch.equal(greedy(wrapped, max_new_tokens=8).completion_ids, ref.completion_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Behaviour-policy entropies returned by the sampler
+# --------------------------------------------------------------------------------------------
+
+
+def test_sampler_entropies_equal_a_full_forward_over_the_completions(model):
+    from spine_ttrl.loop import build_training_batch, score_batch
+
+    kw = dict(num_samples=3, max_new_tokens=12, temperature=0.7, pad_token_id=PAD)
+    free = sample(model, PROMPTS, eos_token_ids=[], generator=torch.Generator().manual_seed(3), **kw)
+    eos = pick_eos(free.completion_ids)  # same seed again: the same draws up to the first EOS
+    roll = sample(model, PROMPTS, eos_token_ids=[eos], generator=torch.Generator().manual_seed(3),
+                  return_entropy=True, **kw)
+    mask = roll.completion_mask
+    assert roll.entropies.shape == mask.shape and roll.entropies.dtype == torch.float32
+    assert (roll.entropies[~mask] == 0).all() and (roll.entropies[mask] > 0).all()
+    assert not mask.all()  # some rows ended early: the padding case is exercised
+    # The same entropies from one teacher-forced forward over prompt + completion (no KV cache).
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    comps = [row[m].tolist() for row, m in zip(roll.completion_ids, mask)]
+    batch = build_training_batch(prompts, comps, PAD)
+    _, ent = score_batch(model, batch, 4, temperature=0.7, chunk_size=7)
+    torch.testing.assert_close(roll.entropies[:, :ent.shape[1]] * batch[4], ent * batch[4], atol=1e-5, rtol=1e-5)
+
+
+def test_sampler_entropies_only_on_request_and_not_for_greedy(model):
+    assert greedy(model).entropies is None
+    with pytest.raises(ValueError, match="temperature > 0"):
+        greedy(model, return_entropy=True)

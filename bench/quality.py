@@ -1,0 +1,282 @@
+"""Adaptation quality: none / ttrl / spine / spine-v2 on the same unlabeled questions (transductive TTRL).
+
+Every method adapts on the same questions with the same seeds, sampling settings and step budget,
+and is evaluated on those questions with their labels (greedy pass@1, avg@k, maj@k at the same
+evaluation settings). One base evaluation (the unadapted model) is shared by all methods.
+
+Layout, under ``bench/results/quality/<tag>/`` (``--tag`` names one experiment):
+
+- ``base.json``: the base evaluation (metrics and one record per question);
+- ``<method>-lr<lr>-s<seed>/``: the adaptation run directory (checkpoint every step, so an
+  interrupted run resumes from its last step);
+- ``<method>-lr<lr>-s<seed>.json``: the finished run (evaluation metrics and records, per-step
+  metrics, wall time). A run whose JSON exists is skipped: re-running the command resumes a sweep;
+- ``summary.json``, ``summary.md``, ``curves.png``: written by every invocation from the files present.
+
+Examples::
+
+    # learning-rate grid on a separate seed of generated questions (tuning set)
+    python bench/quality.py --tag tune-L2 --data arith:2:64:4242 --methods ttrl spine spine-v2 \\
+        --lrs 1e-6 3e-6 1e-5 --seeds 0 --steps 8
+    # the evaluation questions: chosen learning rate per method, two seeds
+    python bench/quality.py --tag main-L2 --data arith:2:256:7 --methods none ttrl spine spine-v2 \\
+        --lr ttrl=3e-6 spine=1e-5 spine-v2=1e-5 --seeds 0 1 --steps 32
+
+The summary reports, per method, the metrics before/after (mean over seeds), the ``\\boxed{}``
+format rate, pseudo-label accuracy, completion length and entropy at forking/other tokens, wall
+time, and paired-bootstrap 95 % confidence intervals (questions resampled, per-question values
+averaged over seeds first) of SPINE - TTRL and SPINE - base for greedy pass@1 and avg@k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent / "results" / "quality"
+METHODS = ("none", "ttrl", "spine", "spine-v2")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _records(res) -> list[dict]:
+    """Per-question records without the long texts (the run directory keeps samples)."""
+    return [{k: v for k, v in r.items() if k != "greedy_text"} for r in res.records]
+
+
+def base_config(args, method: str, seed: int, lr: float, out: Path):
+    from spine_ttrl import make_config
+
+    overrides = {
+        "model": {"model": args.model, "precision": args.precision, "lora_r": args.lora_r},
+        "data": {"data": args.data},
+        "sampling": {"num_votes": args.votes, "num_train_samples": args.votes, "max_new_tokens": args.max_new_tokens,
+                     "temperature": args.temperature},
+        "optim": {"steps": 0 if method == "none" else args.steps, "questions_per_step": args.questions_per_step, "lr": lr,
+                  "micro_batch_size": args.micro_batch_size},
+        "eval": {"eval_samples": args.k, "eval_temperature": args.eval_temperature, "eval_top_p": 1.0,
+                 "eval_max_new_tokens": args.max_new_tokens, "skip_eval_before": method != "none"},
+        "run": {"out": str(out), "seed": seed, "threads": args.threads, "save_every": 1, "keep_checkpoints": 1,
+                "progress": args.progress},
+    }
+    if args.model is None:
+        del overrides["model"]["model"]
+    return make_config(method, overrides=overrides)
+
+
+def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
+    from spine_ttrl import adapt
+
+    name = "base" if method == "none" else f"{method}-lr{lr:g}-s{seed}"
+    out_json = tag_dir / f"{name}.json"
+    if out_json.exists():
+        return out_json
+    run_dir = tag_dir / name
+    cfg = base_config(args, method, seed, lr, run_dir)
+    if (run_dir / "config.toml").exists():
+        cfg.run.resume, cfg.run.out = str(run_dir), ""
+    print(f"== {tag_dir.name}/{name}", flush=True)
+    t0 = time.perf_counter()
+    res = adapt(cfg)
+    wall = time.perf_counter() - t0
+    ev = res.eval_before if method == "none" else res.eval_after
+    if not ev.records:  # a resumed run that had already finished: evaluate again is not needed, but records are
+        raise RuntimeError(f"{run_dir}: finished run without per-question records; delete it and run again")
+    record = {"method": method, "seed": seed, "lr": lr, "data": args.data, "model": args.model or "embedded",
+              "wall_s": wall, "eval": ev.metrics, "records": _records(ev), "steps": res.metrics}
+    _write_json(out_json, record)
+    if method == "none":
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:  # keep logs and plots, drop the weights
+        shutil.rmtree(run_dir / "final", ignore_errors=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return out_json
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def per_question(record: dict, k: int) -> dict[str, np.ndarray]:
+    recs = record["records"]
+    return {"greedy": np.array([float(r.get("greedy_correct", False)) for r in recs]),
+            "avg": np.array([r.get("samples_correct", 0) / k for r in recs]),
+            "maj": np.array([float(r.get("maj_correct", False)) for r in recs])}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: int = 0) -> dict[str, float]:
+    """Mean of a - b over questions and its 95 % percentile interval (questions resampled with replacement)."""
+    d = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
+    boots = d[idx].mean(axis=1)
+    return {"diff": float(d.mean()), "ci_low": float(np.percentile(boots, 2.5)), "ci_high": float(np.percentile(boots, 97.5))}
+
+
+def _step_mean(steps: list[dict], key: str, which: str) -> float:
+    vals = [s[key] for s in steps if key in s and not (isinstance(s[key], float) and math.isnan(s[key]))]
+    if not vals:
+        return float("nan")
+    return float(vals[0] if which == "first" else vals[-1] if which == "last" else np.mean(vals))
+
+
+def summarize(tag_dir: Path, k: int) -> dict:
+    base_file = tag_dir / "base.json"
+    base = json.loads(base_file.read_text()) if base_file.exists() else None
+    runs: dict[str, list[dict]] = {}
+    for f in sorted(tag_dir.glob("*-lr*-s*.json")):
+        r = json.loads(f.read_text())
+        runs.setdefault(f"{r['method']}-lr{r['lr']:g}", []).append(r)
+    out: dict = {"tag": tag_dir.name, "k": k, "methods": {}}
+    if base:
+        out["base"] = {m: base["eval"].get(m) for m in
+                       ("greedy_pass@1", "greedy_pass@1_se", f"avg@{k}", f"avg@{k}_se", f"maj@{k}", f"maj@{k}_se",
+                        "greedy_boxed_rate", "sample_boxed_rate", "greedy_length", "sample_length",
+                        "sample_truncated_rate")}
+    pq: dict[str, dict[str, np.ndarray]] = {}
+    for key, rs in runs.items():
+        ev = {m: float(np.mean([r["eval"].get(m, float("nan")) for r in rs])) for m in rs[0]["eval"]}
+        steps = [r["steps"] for r in rs]
+        row = {"seeds": [r["seed"] for r in rs], "eval": ev, "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+               "pseudo_label_accuracy": float(np.nanmean([_step_mean(s, "vote/label_accuracy", "mean") for s in steps])),
+               "length_first": float(np.nanmean([_step_mean(s, "completion/length_mean", "first") for s in steps])),
+               "length_last": float(np.nanmean([_step_mean(s, "completion/length_mean", "last") for s in steps])),
+               "entropy_forking_mean": float(np.nanmean([_step_mean(s, "entropy/forking_mean", "mean") for s in steps])),
+               "entropy_other_mean": float(np.nanmean([_step_mean(s, "entropy/other_mean", "mean") for s in steps]))}
+        out["methods"][key] = row
+        arrays = [per_question(r, k) for r in rs]
+        pq[key] = {m: np.mean([a[m] for a in arrays], axis=0) for m in ("greedy", "avg", "maj")}
+    if base:
+        pq["base"] = per_question(base, k)
+    comparisons = {}
+    spine_keys = [m for m in pq if m.startswith("spine-lr")] + [m for m in pq if m.startswith("spine-v2-lr")]
+    for s in spine_keys:
+        for other in [m for m in pq if m.startswith("ttrl-lr")] + (["base"] if base else []):
+            comparisons[f"{s} - {other}"] = {m: paired_bootstrap(pq[s][m], pq[other][m]) for m in ("greedy", "avg")}
+    out["paired_bootstrap"] = comparisons
+    return out
+
+
+def write_markdown(summary: dict, path: Path) -> None:
+    k = summary["k"]
+    lines = [f"### {summary['tag']}", "",
+             f"| method | greedy pass@1 | avg@{k} | maj@{k} | boxed (greedy) | pseudo-label acc | length first→last | H fork / other | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    if "base" in summary:
+        b = summary["base"]
+        lines.append(f"| base | {b['greedy_pass@1']:.3f}±{b['greedy_pass@1_se']:.3f} | {b[f'avg@{k}']:.3f}±{b[f'avg@{k}_se']:.3f} | "
+                     f"{b[f'maj@{k}']:.3f} | {b['greedy_boxed_rate']:.2f} | | | | |")
+    for name, r in summary["methods"].items():
+        e = r["eval"]
+        lines.append(f"| {name} (seeds {r['seeds']}) | {e['greedy_pass@1']:.3f}±{e['greedy_pass@1_se']:.3f} | "
+                     f"{e[f'avg@{k}']:.3f}±{e[f'avg@{k}_se']:.3f} | {e[f'maj@{k}']:.3f} | {e['greedy_boxed_rate']:.2f} | "
+                     f"{r['pseudo_label_accuracy']:.3f} | {r['length_first']:.0f}→{r['length_last']:.0f} | "
+                     f"{r['entropy_forking_mean']:.2f} / {r['entropy_other_mean']:.2f} | {r['wall_s']:.0f} |")
+    if summary["paired_bootstrap"]:
+        lines += ["", "| comparison | greedy pass@1 diff [95 % CI] | avg@k diff [95 % CI] |", "|---|---|---|"]
+        for name, c in summary["paired_bootstrap"].items():
+            g, a = c["greedy"], c["avg"]
+            lines.append(f"| {name} | {g['diff']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] | "
+                         f"{a['diff']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}] |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_curves(tag_dir: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(tag_dir.glob("*-lr*-s*.json"))
+    if not files:
+        return None
+    panels = [("completion/length_mean", "completion length (tokens)"), ("vote/label_accuracy", "pseudo-label accuracy"),
+              ("entropy/forking_mean", "entropy, forking tokens"), ("entropy/other_mean", "entropy, other tokens"),
+              ("entropy/all_mean", "entropy, all completion tokens"), ("reward/mean", "pseudo-reward")]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for f in files:
+        r = json.loads(f.read_text())
+        label = f"{r['method']} lr{r['lr']:g} s{r['seed']}"
+        for ax, (key, title) in zip(axes.flat, panels):
+            pts = [(s["step"], s[key]) for s in r["steps"] if key in s and s[key] == s[key]]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=label)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    out = tag_dir / "curves.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def parse_lrs(values: list[str], methods: list[str]) -> dict[str, list[float]]:
+    """``--lr 1e-5`` (all methods) or ``--lr ttrl=3e-6 spine=1e-5``; ``--lrs`` gives a grid."""
+    out: dict[str, list[float]] = {}
+    for v in values:
+        if "=" in v:
+            m, x = v.split("=", 1)
+            if m not in METHODS:
+                raise SystemExit(f"--lr: unknown method {m!r}")
+            out.setdefault(m, []).append(float(x))
+        else:
+            for m in methods:
+                out.setdefault(m, []).append(float(v))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tag", required=True, help="experiment name (directory under bench/results/quality)")
+    ap.add_argument("--data", required=True, help="questions, e.g. arith:2:256:7")
+    ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--lr", "--lrs", dest="lrs", nargs="+", default=["1e-5"],
+                    help="one value, a grid, or method=value pairs")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--questions-per-step", type=int, default=8)
+    ap.add_argument("--votes", type=int, default=8, help="samples per question for the vote (and the update)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the votes")
+    ap.add_argument("--k", type=int, default=8, help="evaluation samples per question (avg@k, maj@k)")
+    ap.add_argument("--eval-temperature", type=float, default=0.8)
+    ap.add_argument("--max-new-tokens", type=int, default=384)
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--lora-r", type=int, default=0)
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild summary files")
+    args = ap.parse_args()
+
+    tag_dir = ROOT / args.tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    lrs = parse_lrs(args.lrs, [m for m in args.methods if m != "none"])
+    if not args.report_only:
+        if "none" in args.methods:
+            run_one(args, tag_dir, "none", 0, 0.0)
+        for seed in args.seeds:
+            for method in args.methods:
+                if method == "none":
+                    continue
+                for lr in lrs.get(method, []):
+                    run_one(args, tag_dir, method, seed, lr)
+    summary = summarize(tag_dir, args.k)
+    _write_json(tag_dir / "summary.json", summary)
+    write_markdown(summary, tag_dir / "summary.md")
+    plot_curves(tag_dir)
+    print((tag_dir / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
