@@ -94,8 +94,18 @@ def autocast_dtype_for(precision: str) -> torch.dtype | None:
     return None
 
 
-def _autocast(dtype):
-    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def _autocast(dtype, model=None, enabled: bool = True):
+    """Autocast to ``dtype`` on the model's device type (nothing if ``dtype`` is None).
+
+    ``enabled=False`` inside an enabled context switches autocast off while keeping its cast
+    cache (the cache lives until the outermost autocast context exits).
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    device_type = "cpu"
+    if model is not None:
+        device_type = next(model.parameters()).device.type
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 def build_training_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
@@ -181,7 +191,7 @@ def score_batch(model, batch, micro_batch_size: int, *, temperature: float, chun
     token_mask = batch[4]
     B, T = token_mask.shape
     logp, ent = torch.zeros(B, T), torch.zeros(B, T)
-    with torch.no_grad(), _autocast(amp):
+    with torch.no_grad(), _autocast(amp, model):
         for rows in micro_batches(B, micro_batch_size):
             lp, en, t = score_completions(model, batch, rows, temperature=temperature, chunk_size=chunk_size)
             logp[rows, :t] = lp.float()
@@ -245,38 +255,41 @@ def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, tempe
     for epoch in range(o.updates_per_batch):
         t0 = time.perf_counter()
         bad = False
-        for rows in mbs:
-            with _autocast(amp):
+        # One autocast context per update: weights are cast to the low precision once, not per
+        # micro-batch (the cast cache is dropped on exit, before the optimiser changes them).
+        with _autocast(amp, model):
+            for rows in mbs:
                 lp, en, _ = score_completions(model, batch, rows, temperature=temperature, chunk_size=o.logit_chunk_size)
-            lp, en = _pad_cols(lp.float(), T), _pad_cols(en.float(), T)
-            if single_pass:
-                old_logp, ent_sel = lp.detach(), en.detach()
-                fork, low, high = select(ent_sel)
-            elif behaviour_entropy is not None and epoch == 0:
-                old_logp[rows] = lp.detach()
-            fork_mb = fork[rows]
-            loss_pl, stats = policy_loss(lp, old_logp[rows], advantages[rows], fork_mb, o.clip_eps, n_tokens)
-            loss = loss_pl
-            loss_band = torch.zeros(())
-            if low is not None:
-                loss_band = band_penalty(en, fork_mb, low[rows], high[rows], sp.beta_low, sp.beta_up, n_tokens)
-                loss = loss + loss_band
-            loss_kl = torch.zeros(())
-            if ref_logp is not None:
-                kl_mask = fork if sp.kl_tokens == "selected" else token_mask
-                loss_kl = kl_penalty(lp, ref_logp[rows], kl_mask[rows], max(int(kl_mask.sum()), 1))
-                loss = loss + sp.kl_coef * loss_kl
-            if not torch.isfinite(loss):
-                bad = True
-                break
-            loss.backward()
-            if epoch == o.updates_per_batch - 1:
-                w = len(rows) / B
-                agg["loss/policy"] += loss_pl.item()
-                agg["loss/band"] += loss_band.item()
-                agg["loss/kl"] += loss_kl.item()
-                agg["policy/clip_fraction"] += stats["clip_fraction"].item() * w
-                agg["policy/approx_kl"] += stats["approx_kl"].item() * w
+                lp, en = _pad_cols(lp.float(), T), _pad_cols(en.float(), T)
+                if single_pass:
+                    old_logp, ent_sel = lp.detach(), en.detach()
+                    fork, low, high = select(ent_sel)
+                elif behaviour_entropy is not None and epoch == 0:
+                    old_logp[rows] = lp.detach()
+                fork_mb = fork[rows]
+                loss_pl, stats = policy_loss(lp, old_logp[rows], advantages[rows], fork_mb, o.clip_eps, n_tokens)
+                loss = loss_pl
+                loss_band = torch.zeros(())
+                if low is not None:
+                    loss_band = band_penalty(en, fork_mb, low[rows], high[rows], sp.beta_low, sp.beta_up, n_tokens)
+                    loss = loss + loss_band
+                loss_kl = torch.zeros(())
+                if ref_logp is not None:
+                    kl_mask = fork if sp.kl_tokens == "selected" else token_mask
+                    loss_kl = kl_penalty(lp, ref_logp[rows], kl_mask[rows], max(int(kl_mask.sum()), 1))
+                    loss = loss + sp.kl_coef * loss_kl
+                if not torch.isfinite(loss):
+                    bad = True
+                    break
+                with _autocast(amp, model, enabled=False):  # backward outside autocast, cache kept
+                    loss.backward()
+                if epoch == o.updates_per_batch - 1:
+                    w = len(rows) / B
+                    agg["loss/policy"] += loss_pl.item()
+                    agg["loss/band"] += loss_band.item()
+                    agg["loss/kl"] += loss_kl.item()
+                    agg["policy/clip_fraction"] += stats["clip_fraction"].item() * w
+                    agg["policy/approx_kl"] += stats["approx_kl"].item() * w
         t_fb += time.perf_counter() - t0
         t0 = time.perf_counter()
         if not bad:
