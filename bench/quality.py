@@ -122,6 +122,11 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: in
     return {"diff": float(d.mean()), "ci_low": float(np.percentile(boots, 2.5)), "ci_high": float(np.percentile(boots, 97.5))}
 
 
+def _nanmean(values: list[float]) -> float:
+    vals = [v for v in values if v == v]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def _step_mean(steps: list[dict], key: str, which: str) -> float:
     vals = [s[key] for s in steps if key in s and not (isinstance(s[key], float) and math.isnan(s[key]))]
     if not vals:
@@ -133,8 +138,8 @@ def summarize(tag_dir: Path, k: int) -> dict:
     base_file = tag_dir / "base.json"
     base = json.loads(base_file.read_text()) if base_file.exists() else None
     runs: dict[str, list[dict]] = {}
-    for f in sorted(tag_dir.glob("*-lr*-s*.json")):
-        r = json.loads(f.read_text())
+    records = [json.loads(f.read_text()) for f in tag_dir.glob("*-lr*-s*.json")]
+    for r in sorted(records, key=lambda r: (METHODS.index(r["method"]), r["lr"], r["seed"])):
         runs.setdefault(f"{r['method']}-lr{r['lr']:g}", []).append(r)
     out: dict = {"tag": tag_dir.name, "k": k, "methods": {}}
     if base:
@@ -147,11 +152,11 @@ def summarize(tag_dir: Path, k: int) -> dict:
         ev = {m: float(np.mean([r["eval"].get(m, float("nan")) for r in rs])) for m in rs[0]["eval"]}
         steps = [r["steps"] for r in rs]
         row = {"seeds": [r["seed"] for r in rs], "eval": ev, "wall_s": float(np.mean([r["wall_s"] for r in rs])),
-               "pseudo_label_accuracy": float(np.nanmean([_step_mean(s, "vote/label_accuracy", "mean") for s in steps])),
-               "length_first": float(np.nanmean([_step_mean(s, "completion/length_mean", "first") for s in steps])),
-               "length_last": float(np.nanmean([_step_mean(s, "completion/length_mean", "last") for s in steps])),
-               "entropy_forking_mean": float(np.nanmean([_step_mean(s, "entropy/forking_mean", "mean") for s in steps])),
-               "entropy_other_mean": float(np.nanmean([_step_mean(s, "entropy/other_mean", "mean") for s in steps]))}
+               "pseudo_label_accuracy": _nanmean([_step_mean(s, "vote/label_accuracy", "mean") for s in steps]),
+               "length_first": _nanmean([_step_mean(s, "completion/length_mean", "first") for s in steps]),
+               "length_last": _nanmean([_step_mean(s, "completion/length_mean", "last") for s in steps]),
+               "entropy_forking_mean": _nanmean([_step_mean(s, "entropy/forking_mean", "mean") for s in steps]),
+               "entropy_other_mean": _nanmean([_step_mean(s, "entropy/other_mean", "mean") for s in steps])}
         out["methods"][key] = row
         arrays = [per_question(r, k) for r in rs]
         pq[key] = {m: np.mean([a[m] for a in arrays], axis=0) for m in ("greedy", "avg", "maj")}
