@@ -34,7 +34,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1000, help="question seed (kept apart from evaluation seeds)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--summary", action="store_true", help="only print a markdown table of the existing result files")
     args = ap.parse_args()
+    if args.summary:
+        print_table()
+        return
 
     import torch
 
@@ -69,6 +73,20 @@ def main() -> None:
             print(f"L{level} T{temp}: avg@{args.k}={m[f'avg@{args.k}']:.3f}±{m[f'avg@{args.k}_se']:.3f} "
                   f"maj@{args.k}={m[f'maj@{args.k}']:.3f}±{m[f'maj@{args.k}_se']:.3f} "
                   f"truncated={m['sample_truncated_rate']:.3f} ({record['wall_s']:.0f} s)")
+
+
+def print_table() -> None:
+    """A markdown table of every premise result file (maj@k - avg@k is the premise gap)."""
+    print("| model | level | T | n | k | max new | greedy pass@1 | avg@k | maj@k | maj@k − avg@k | pass@k | truncated | boxed | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for f in sorted(RESULTS.glob("premise-*.json")):
+        r = json.loads(f.read_text())
+        m, k = r["metrics"], r["k"]
+        greedy = f"{m['greedy_pass@1']:.3f}±{m['greedy_pass@1_se']:.3f}" if "greedy_pass@1" in m else "–"
+        print(f"| {r['model']} | {r['level']} | {r['temperature']} | {r['questions']} | {k} | {r['max_new_tokens']} | {greedy} | "
+              f"{m[f'avg@{k}']:.3f}±{m[f'avg@{k}_se']:.3f} | {m[f'maj@{k}']:.3f}±{m[f'maj@{k}_se']:.3f} | "
+              f"{m[f'maj@{k}'] - m[f'avg@{k}']:+.3f} | {m[f'pass@{k}']:.3f} | {m['sample_truncated_rate']:.2f} | "
+              f"{m['sample_boxed_rate']:.2f} | {r['wall_s']:.0f} |")
 
 
 if __name__ == "__main__":
