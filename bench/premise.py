@@ -83,7 +83,7 @@ def print_table() -> None:
         r = json.loads(f.read_text())
         m, k = r["metrics"], r["k"]
         greedy = f"{m['greedy_pass@1']:.3f}±{m['greedy_pass@1_se']:.3f}" if "greedy_pass@1" in m else "–"
-        print(f"| {r['model']} | {r['level']} | {r['temperature']} | {r['questions']} | {k} | {r['max_new_tokens']} | {greedy} | "
+        print(f"| {Path(r['model']).name} | {r['level']} | {r['temperature']} | {r['questions']} | {k} | {r['max_new_tokens']} | {greedy} | "
               f"{m[f'avg@{k}']:.3f}±{m[f'avg@{k}_se']:.3f} | {m[f'maj@{k}']:.3f}±{m[f'maj@{k}_se']:.3f} | "
               f"{m[f'maj@{k}'] - m[f'avg@{k}']:+.3f} | {m[f'pass@{k}']:.3f} | {m['sample_truncated_rate']:.2f} | "
               f"{m['sample_boxed_rate']:.2f} | {r['wall_s']:.0f} |")
