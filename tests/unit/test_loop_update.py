@@ -95,3 +95,24 @@ def test_sampler_entropies_replace_the_scoring_pass_exactly(preset, updates):
 def test_behaviour_entropy_of_the_wrong_shape_is_refused():
     with pytest.raises(ValueError, match="behaviour_entropy has shape"):
         _update("spine", 2, behaviour_entropy=torch.zeros(4, 3))
+
+
+def test_make_optimizer_is_fused_adamw_with_the_same_step_as_the_loop_version():
+    from spine_ttrl.loop import make_optimizer
+
+    o = make_config("spine", overrides={"optim": {"lr": 1e-2, "weight_decay": 0.1}}).optim
+    a, b = tiny_llama(seed=1).float(), tiny_llama(seed=1).float()
+    pa, pb = list(a.parameters()), list(b.parameters())
+    fused = make_optimizer(pa, o)
+    plain = torch.optim.AdamW(pb, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay,
+                              foreach=False)
+    assert fused.defaults["fused"] is True and fused.defaults["weight_decay"] == 0.1
+    for _ in range(2):
+        for p, q in zip(pa, pb):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(pa, pb):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(pa[0], next(tiny_llama(seed=1).parameters()))  # the steps moved the weights
