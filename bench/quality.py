@@ -153,6 +153,8 @@ def summarize(tag_dir: Path, k: int) -> dict:
         steps = [r["steps"] for r in rs]
         row = {"seeds": [r["seed"] for r in rs], "eval": ev, "wall_s": float(np.mean([r["wall_s"] for r in rs])),
                "pseudo_label_accuracy": _nanmean([_step_mean(s, "vote/label_accuracy", "mean") for s in steps]),
+               "sample_accuracy_first": _nanmean([_step_mean(s, "vote/sample_accuracy", "first") for s in steps]),
+               "sample_accuracy_last": _nanmean([_step_mean(s, "vote/sample_accuracy", "last") for s in steps]),
                "length_first": _nanmean([_step_mean(s, "completion/length_mean", "first") for s in steps]),
                "length_last": _nanmean([_step_mean(s, "completion/length_mean", "last") for s in steps]),
                "entropy_forking_mean": _nanmean([_step_mean(s, "entropy/forking_mean", "mean") for s in steps]),
@@ -206,7 +208,7 @@ def plot_curves(tag_dir: Path) -> Path | None:
         return None
     panels = [("completion/length_mean", "completion length (tokens)"), ("vote/label_accuracy", "pseudo-label accuracy"),
               ("entropy/forking_mean", "entropy, forking tokens"), ("entropy/other_mean", "entropy, other tokens"),
-              ("entropy/all_mean", "entropy, all completion tokens"), ("reward/mean", "pseudo-reward")]
+              ("vote/sample_accuracy", "rollout accuracy vs labels (online avg@votes)"), ("reward/mean", "pseudo-reward")]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for f in files:
         r = json.loads(f.read_text())

@@ -462,21 +462,24 @@ def adapt(config: Config) -> RunResult:
         # ---- vote and reward (labels, if any, only for diagnostics)
         t0 = time.perf_counter()
         answers = [extract_answer(t, task) for t in roll.texts]
-        keep_rows, rewards, ratios, label_hits, reward_hits, skipped = [], [], [], [], [], 0
+        keep_rows, rewards, ratios, label_hits, reward_hits, sample_hits, skipped = [], [], [], [], [], [], 0
         for j, q in enumerate(q_idx):
             rows = list(range(j * s.num_votes, (j + 1) * s.num_votes))
             ans_q = [answers[r] for r in rows]
             vote = majority_vote(ans_q, task)
             ratios.append(vote.ratio)
             label = examples[q].answer
+            truth = None
+            if label is not None:
+                truth = [float(a is not None and is_equivalent(a, label, task)) for a in ans_q]
+                sample_hits.extend(truth)
             if label is not None and vote.label is not None:
                 label_hits.append(float(is_equivalent(vote.label, label, task)))
             if vote.label is None:
                 skipped += 1
                 continue
             r_q = majority_rewards(ans_q, task)
-            if label is not None:
-                truth = [float(a is not None and is_equivalent(a, label, task)) for a in ans_q]
+            if truth is not None:
                 reward_hits.extend(float(a == b) for a, b in zip(r_q, truth))
             pick = torch.randperm(s.num_votes, generator=selection_gen)[:G].sort().values.tolist()
             keep_rows.extend(rows[i] for i in pick)
@@ -494,6 +497,8 @@ def adapt(config: Config) -> RunResult:
             m["vote/label_accuracy"] = sum(label_hits) / len(label_hits)
         if reward_hits:
             m["reward/accuracy"] = sum(reward_hits) / len(reward_hits)
+        if sample_hits:
+            m["vote/sample_accuracy"] = sum(sample_hits) / len(sample_hits)
 
         if not keep_rows or optimizer is None:
             m["optim/skipped_step"] = 1.0

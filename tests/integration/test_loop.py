@@ -82,6 +82,14 @@ def test_adapt_real_step_end_to_end(tmp_path, preset):
     out = tmp_path / "run"
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["step"] == 1
+    # vote/sample_accuracy: share of the sampled answers equivalent to the label, recomputed from samples.jsonl
+    from spine_ttrl.answers import is_equivalent
+    from spine_ttrl.data import load_examples
+
+    labels = {e.id: e.answer for e in load_examples("arith:2:3:5")}
+    sampled = json.loads((out / "samples.jsonl").read_text().splitlines()[0])["questions"]
+    hits = [a is not None and is_equivalent(a, labels[q["id"]], "math") for q in sampled for a in q["answers"]]
+    assert len(hits) == 12 and m["vote/sample_accuracy"] == pytest.approx(sum(hits) / len(hits))
     tags = [json.loads(line)["tag"] for line in (out / "eval.jsonl").read_text().splitlines()]
     assert tags == ["before", "after"]
     for k in ("greedy_pass@1", "greedy_pass@1_se", "avg@2", "maj@2", "pass@2", "majority_ratio"):
