@@ -48,8 +48,15 @@ import torch
 from . import config as config_mod
 from .answers import extract_answer, is_equivalent, majority_vote
 from .assessment import EvalResult, eos_token_ids, evaluate_prompts
-from .checkpoint import (count_lines, list_checkpoints, load_checkpoint, load_trainable_state, save_checkpoint,
-                         trainable_state, truncate_lines)
+from .checkpoint import (
+    count_lines,
+    list_checkpoints,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+    truncate_lines,
+)
 from .config import Config
 from .data import load_examples, resolve_task
 from .losses import band_edges, band_penalty, group_advantages, kl_penalty, policy_loss
@@ -57,6 +64,7 @@ from .models import forward_hidden, load_model_and_tokenizer, output_head
 from .prompting import encode_examples
 from .report import collapse_warnings, read_jsonl, write_report
 from .rewards import majority_rewards
+from .sampling import autocast_context as _autocast
 from .sampling import sample
 from .tokens import logprobs_and_entropy, otsu_mask, top_entropy_mask
 
@@ -92,20 +100,6 @@ def autocast_dtype_for(precision: str) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and bf16_supported()):
         return torch.bfloat16
     return None
-
-
-def _autocast(dtype, model=None, enabled: bool = True):
-    """Autocast to ``dtype`` on the model's device type (nothing if ``dtype`` is None).
-
-    ``enabled=False`` inside an enabled context switches autocast off while keeping its cast
-    cache (the cache lives until the outermost autocast context exits).
-    """
-    if dtype is None:
-        return contextlib.nullcontext()
-    device_type = "cpu"
-    if model is not None:
-        device_type = next(model.parameters()).device.type
-    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
 def build_training_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):

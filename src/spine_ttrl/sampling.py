@@ -172,6 +172,19 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
+def autocast_context(dtype: torch.dtype | None, model=None, enabled: bool = True):
+    """Autocast to ``dtype`` on the model's device type (a null context if ``dtype`` is None).
+
+    Shared by sampling and the update. ``enabled=False`` inside an enabled context switches
+    autocast off while keeping its cast cache (the cache lives until the outermost autocast
+    context exits).
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    device_type = _device_of(model).type if model is not None else "cpu"
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -311,11 +324,7 @@ def sample(
     all_prompt_ids, all_prompt_mask = _left_pad(rows, pad_token_id)
     eos = torch.tensor(sorted(set(int(e) for e in eos_token_ids)), dtype=torch.long, device=device)
     extra_kwargs = _logits_kwargs(model)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_context(autocast_dtype, model)
 
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long)
     lengths = torch.zeros(B, dtype=torch.long)

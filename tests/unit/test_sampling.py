@@ -413,3 +413,17 @@ def test_sampler_entropies_only_on_request_and_not_for_greedy(model):
     assert greedy(model).entropies is None
     with pytest.raises(ValueError, match="temperature > 0"):
         greedy(model, return_entropy=True)
+
+
+def test_autocast_context_follows_dtype_and_device():
+    from spine_ttrl.sampling import autocast_context
+
+    lin = torch.nn.Linear(2, 2)
+    with autocast_context(None, lin):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_context(torch.bfloat16, lin):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert lin(torch.ones(1, 2)).dtype == torch.bfloat16
+        with autocast_context(torch.bfloat16, lin, enabled=False):
+            assert not torch.is_autocast_enabled("cpu")
+            assert lin(torch.ones(1, 2)).dtype == torch.float32
