@@ -169,6 +169,9 @@ def summarize(tag_dir: Path, k: int) -> dict:
     for s in spine_keys:
         for other in [m for m in pq if m.startswith("ttrl-lr")] + (["base"] if base else []):
             comparisons[f"{s} - {other}"] = {m: paired_bootstrap(pq[s][m], pq[other][m]) for m in ("greedy", "avg")}
+    if base:  # TTRL's own gain, for reference
+        for t in [m for m in pq if m.startswith("ttrl-lr")]:
+            comparisons[f"{t} - base"] = {m: paired_bootstrap(pq[t][m], pq["base"][m]) for m in ("greedy", "avg")}
     out["paired_bootstrap"] = comparisons
     return out
 
@@ -176,17 +179,17 @@ def summarize(tag_dir: Path, k: int) -> dict:
 def write_markdown(summary: dict, path: Path) -> None:
     k = summary["k"]
     lines = [f"### {summary['tag']}", "",
-             f"| method | greedy pass@1 | avg@{k} | maj@{k} | boxed (greedy) | pseudo-label acc | length first→last | H fork / other | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| method | greedy pass@1 | avg@{k} | maj@{k} | boxed (greedy) | pseudo-label acc | rollout acc first→last | length first→last | H fork / other | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     if "base" in summary:
         b = summary["base"]
         lines.append(f"| base | {b['greedy_pass@1']:.3f}±{b['greedy_pass@1_se']:.3f} | {b[f'avg@{k}']:.3f}±{b[f'avg@{k}_se']:.3f} | "
-                     f"{b[f'maj@{k}']:.3f} | {b['greedy_boxed_rate']:.2f} | | | | |")
+                     f"{b[f'maj@{k}']:.3f} | {b['greedy_boxed_rate']:.2f} | | | | | |")
     for name, r in summary["methods"].items():
         e = r["eval"]
         lines.append(f"| {name} (seeds {r['seeds']}) | {e['greedy_pass@1']:.3f}±{e['greedy_pass@1_se']:.3f} | "
                      f"{e[f'avg@{k}']:.3f}±{e[f'avg@{k}_se']:.3f} | {e[f'maj@{k}']:.3f} | {e['greedy_boxed_rate']:.2f} | "
-                     f"{r['pseudo_label_accuracy']:.3f} | {r['length_first']:.0f}→{r['length_last']:.0f} | "
+                     f"{r['pseudo_label_accuracy']:.3f} | {r['sample_accuracy_first']:.3f}→{r['sample_accuracy_last']:.3f} | {r['length_first']:.0f}→{r['length_last']:.0f} | "
                      f"{r['entropy_forking_mean']:.2f} / {r['entropy_other_mean']:.2f} | {r['wall_s']:.0f} |")
     if summary["paired_bootstrap"]:
         lines += ["", "| comparison | greedy pass@1 diff [95 % CI] | avg@k diff [95 % CI] |", "|---|---|---|"]

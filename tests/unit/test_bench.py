@@ -53,3 +53,45 @@ def test_per_question_values_from_records():
     assert pq["greedy"].tolist() == [1.0, 0.0]
     assert pq["avg"].tolist() == [0.75, 0.0]
     assert pq["maj"].tolist() == [1.0, 0.0]
+
+
+def _run_record(method, seed, greedy, samples, steps):
+    recs = [{"id": str(i), "label": "1", "greedy_correct": bool(g), "samples_correct": s, "maj_correct": s >= 1}
+            for i, (g, s) in enumerate(zip(greedy, samples))]
+    ev = {"greedy_pass@1": float(np.mean(greedy)), "greedy_pass@1_se": 0.0, "avg@2": float(np.mean(samples)) / 2,
+          "avg@2_se": 0.0, "maj@2": float(np.mean([s >= 1 for s in samples])), "greedy_boxed_rate": 1.0}
+    return {"method": method, "seed": seed, "lr": 1e-4, "wall_s": 10.0 * (seed + 1), "eval": ev, "records": recs,
+            "steps": steps}
+
+
+def test_summarize_averages_seeds_per_question_then_compares(tmp_path):
+    import json
+
+    steps = [{"step": 1, "vote/label_accuracy": 0.5, "vote/sample_accuracy": 0.25, "completion/length_mean": 100.0,
+              "entropy/forking_mean": 1.0, "entropy/other_mean": float("nan")},
+             {"step": 2, "vote/label_accuracy": 1.0, "vote/sample_accuracy": 0.75, "completion/length_mean": 80.0,
+              "entropy/forking_mean": 2.0, "entropy/other_mean": 0.5}]
+    (tmp_path / "base.json").write_text(json.dumps(_run_record("none", 0, [0, 0, 1, 0], [0, 1, 2, 0], [])))
+    runs = {"ttrl-lr0.0001-s0.json": _run_record("ttrl", 0, [0, 1, 1, 0], [1, 1, 2, 0], steps),
+            "spine-lr0.0001-s0.json": _run_record("spine", 0, [1, 1, 1, 0], [2, 1, 2, 0], steps),
+            "spine-lr0.0001-s1.json": _run_record("spine", 1, [1, 0, 1, 0], [2, 1, 2, 1], steps)}
+    for name, rec in runs.items():
+        (tmp_path / name).write_text(json.dumps(rec))
+    s = quality.summarize(tmp_path, k=2)
+    spine = s["methods"]["spine-lr0.0001"]
+    assert spine["seeds"] == [0, 1] and spine["wall_s"] == 15.0
+    assert spine["eval"]["greedy_pass@1"] == pytest.approx((0.75 + 0.5) / 2)
+    assert spine["pseudo_label_accuracy"] == 0.75
+    assert (spine["sample_accuracy_first"], spine["sample_accuracy_last"]) == (0.25, 0.75)
+    assert (spine["length_first"], spine["length_last"]) == (100.0, 80.0)
+    assert spine["entropy_other_mean"] == 0.5  # NaN steps skipped
+    # Per question, seeds averaged first: spine greedy = [1, .5, 1, 0]; ttrl = [0, 1, 1, 0]; base = [0, 0, 1, 0].
+    c = s["paired_bootstrap"]
+    assert c["spine-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx((1 - 0.5 + 0 + 0) / 4)
+    assert c["spine-lr0.0001 - base"]["greedy"]["diff"] == pytest.approx((1 + 0.5) / 4)
+    # spine avg@2 = [1, .5, 1, .25]; base = [0, .5, 1, 0]
+    assert c["spine-lr0.0001 - base"]["avg"]["diff"] == pytest.approx((1 + 0 + 0 + 0.25) / 4)
+    assert c["ttrl-lr0.0001 - base"]["greedy"]["diff"] == pytest.approx(0.25)
+    quality.write_markdown(s, tmp_path / "summary.md")
+    md = (tmp_path / "summary.md").read_text()
+    assert "| spine-lr0.0001 (seeds [0, 1]) | 0.625" in md and "0.250→0.750" in md and "100→80" in md
