@@ -134,6 +134,13 @@ def _step_mean(steps: list[dict], key: str, which: str) -> float:
     return float(vals[0] if which == "first" else vals[-1] if which == "last" else np.mean(vals))
 
 
+def _compute_s(record: dict) -> float:
+    """Training + final evaluation seconds of a run, from its logs (counts steps done before a resume,
+    which the process wall time of a resumed run misses)."""
+    steps = sum(s.get("time/step_s", 0.0) for s in record["steps"])
+    return float(steps + record["eval"].get("time_s", float("nan")))
+
+
 def summarize(tag_dir: Path, k: int) -> dict:
     base_file = tag_dir / "base.json"
     base = json.loads(base_file.read_text()) if base_file.exists() else None
@@ -151,7 +158,7 @@ def summarize(tag_dir: Path, k: int) -> dict:
     for key, rs in runs.items():
         ev = {m: float(np.mean([r["eval"].get(m, float("nan")) for r in rs])) for m in rs[0]["eval"]}
         steps = [r["steps"] for r in rs]
-        row = {"seeds": [r["seed"] for r in rs], "eval": ev, "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+        row = {"seeds": [r["seed"] for r in rs], "eval": ev, "wall_s": float(np.mean([_compute_s(r) for r in rs])),
                "pseudo_label_accuracy": _nanmean([_step_mean(s, "vote/label_accuracy", "mean") for s in steps]),
                "sample_accuracy_first": _nanmean([_step_mean(s, "vote/sample_accuracy", "first") for s in steps]),
                "sample_accuracy_last": _nanmean([_step_mean(s, "vote/sample_accuracy", "last") for s in steps]),
@@ -179,7 +186,7 @@ def summarize(tag_dir: Path, k: int) -> dict:
 def write_markdown(summary: dict, path: Path) -> None:
     k = summary["k"]
     lines = [f"### {summary['tag']}", "",
-             f"| method | greedy pass@1 | avg@{k} | maj@{k} | boxed (greedy) | pseudo-label acc | rollout acc first→last | length first→last | H fork / other | wall s |",
+             f"| method | greedy pass@1 | avg@{k} | maj@{k} | boxed (greedy) | pseudo-label acc | rollout acc first→last | length first→last | H fork / other | train+eval s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     if "base" in summary:
         b = summary["base"]

@@ -59,7 +59,8 @@ def _run_record(method, seed, greedy, samples, steps):
     recs = [{"id": str(i), "label": "1", "greedy_correct": bool(g), "samples_correct": s, "maj_correct": s >= 1}
             for i, (g, s) in enumerate(zip(greedy, samples))]
     ev = {"greedy_pass@1": float(np.mean(greedy)), "greedy_pass@1_se": 0.0, "avg@2": float(np.mean(samples)) / 2,
-          "avg@2_se": 0.0, "maj@2": float(np.mean([s >= 1 for s in samples])), "greedy_boxed_rate": 1.0}
+          "avg@2_se": 0.0, "maj@2": float(np.mean([s >= 1 for s in samples])), "greedy_boxed_rate": 1.0,
+          "time_s": 10.0 * (seed + 1)}
     return {"method": method, "seed": seed, "lr": 1e-4, "wall_s": 10.0 * (seed + 1), "eval": ev, "records": recs,
             "steps": steps}
 
@@ -67,7 +68,7 @@ def _run_record(method, seed, greedy, samples, steps):
 def test_summarize_averages_seeds_per_question_then_compares(tmp_path):
     import json
 
-    steps = [{"step": 1, "vote/label_accuracy": 0.5, "vote/sample_accuracy": 0.25, "completion/length_mean": 100.0,
+    steps = [{"step": 1, "time/step_s": 3.0, "vote/label_accuracy": 0.5, "vote/sample_accuracy": 0.25, "completion/length_mean": 100.0,
               "entropy/forking_mean": 1.0, "entropy/other_mean": float("nan")},
              {"step": 2, "vote/label_accuracy": 1.0, "vote/sample_accuracy": 0.75, "completion/length_mean": 80.0,
               "entropy/forking_mean": 2.0, "entropy/other_mean": 0.5}]
@@ -79,7 +80,7 @@ def test_summarize_averages_seeds_per_question_then_compares(tmp_path):
         (tmp_path / name).write_text(json.dumps(rec))
     s = quality.summarize(tmp_path, k=2)
     spine = s["methods"]["spine-lr0.0001"]
-    assert spine["seeds"] == [0, 1] and spine["wall_s"] == 15.0
+    assert spine["seeds"] == [0, 1] and spine["wall_s"] == 15.0 + 3.0  # eval time + step times
     assert spine["eval"]["greedy_pass@1"] == pytest.approx((0.75 + 0.5) / 2)
     assert spine["pseudo_label_accuracy"] == 0.75
     assert (spine["sample_accuracy_first"], spine["sample_accuracy_last"]) == (0.25, 0.75)
