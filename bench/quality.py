@@ -152,8 +152,8 @@ def summarize(tag_dir: Path, k: int) -> dict:
     if base:
         out["base"] = {m: base["eval"].get(m) for m in
                        ("greedy_pass@1", "greedy_pass@1_se", f"avg@{k}", f"avg@{k}_se", f"maj@{k}", f"maj@{k}_se",
-                        "greedy_boxed_rate", "sample_boxed_rate", "greedy_length", "sample_length",
-                        "sample_truncated_rate")}
+                        f"pass@{k}", "majority_ratio", "distinct_answers", "greedy_boxed_rate", "sample_boxed_rate",
+                        "greedy_length", "sample_length", "sample_truncated_rate")}
     pq: dict[str, dict[str, np.ndarray]] = {}
     for key, rs in runs.items():
         ev = {m: float(np.mean([r["eval"].get(m, float("nan")) for r in rs])) for m in rs[0]["eval"]}
@@ -183,21 +183,33 @@ def summarize(tag_dir: Path, k: int) -> dict:
     return out
 
 
+def _fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None or value != value else format(value, spec)
+
+
 def write_markdown(summary: dict, path: Path) -> None:
     k = summary["k"]
     lines = [f"### {summary['tag']}", "",
-             f"| method | greedy pass@1 | avg@{k} | maj@{k} | boxed (greedy) | pseudo-label acc | rollout acc first→last | length first→last | H fork / other | train+eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| method | greedy pass@1 | avg@{k} | maj@{k} | pass@{k} | majority share | boxed greedy / sampled | "
+             "eval length greedy / sampled | pseudo-label acc | rollout acc first→last | length first→last | "
+             "H fork / other | train+eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def evaluation(e: dict) -> str:
+        return (f"{_fmt(e.get('greedy_pass@1'))}±{_fmt(e.get('greedy_pass@1_se'))} | "
+                f"{_fmt(e.get(f'avg@{k}'))}±{_fmt(e.get(f'avg@{k}_se'))} | {_fmt(e.get(f'maj@{k}'))} | "
+                f"{_fmt(e.get(f'pass@{k}'))} | {_fmt(e.get('majority_ratio'))} | "
+                f"{_fmt(e.get('greedy_boxed_rate'), '.2f')} / {_fmt(e.get('sample_boxed_rate'), '.2f')} | "
+                f"{_fmt(e.get('greedy_length'), '.0f')} / {_fmt(e.get('sample_length'), '.0f')}")
+
     if "base" in summary:
-        b = summary["base"]
-        lines.append(f"| base | {b['greedy_pass@1']:.3f}±{b['greedy_pass@1_se']:.3f} | {b[f'avg@{k}']:.3f}±{b[f'avg@{k}_se']:.3f} | "
-                     f"{b[f'maj@{k}']:.3f} | {b['greedy_boxed_rate']:.2f} | | | | | |")
+        lines.append(f"| base | {evaluation(summary['base'])} | | | | | |")
     for name, r in summary["methods"].items():
-        e = r["eval"]
-        lines.append(f"| {name} (seeds {r['seeds']}) | {e['greedy_pass@1']:.3f}±{e['greedy_pass@1_se']:.3f} | "
-                     f"{e[f'avg@{k}']:.3f}±{e[f'avg@{k}_se']:.3f} | {e[f'maj@{k}']:.3f} | {e['greedy_boxed_rate']:.2f} | "
-                     f"{r['pseudo_label_accuracy']:.3f} | {r['sample_accuracy_first']:.3f}→{r['sample_accuracy_last']:.3f} | {r['length_first']:.0f}→{r['length_last']:.0f} | "
-                     f"{r['entropy_forking_mean']:.2f} / {r['entropy_other_mean']:.2f} | {r['wall_s']:.0f} |")
+        lines.append(f"| {name} (seeds {r['seeds']}) | {evaluation(r['eval'])} | {_fmt(r['pseudo_label_accuracy'])} | "
+                     f"{_fmt(r['sample_accuracy_first'])}→{_fmt(r['sample_accuracy_last'])} | "
+                     f"{_fmt(r['length_first'], '.0f')}→{_fmt(r['length_last'], '.0f')} | "
+                     f"{_fmt(r['entropy_forking_mean'], '.2f')} / {_fmt(r['entropy_other_mean'], '.2f')} | "
+                     f"{_fmt(r['wall_s'], '.0f')} |")
     if summary["paired_bootstrap"]:
         lines += ["", "| comparison | greedy pass@1 diff [95 % CI] | avg@k diff [95 % CI] |", "|---|---|---|"]
         for name, c in summary["paired_bootstrap"].items():
