@@ -21,6 +21,9 @@ Examples::
     # the evaluation questions: chosen learning rate per method, two seeds
     python bench/quality.py --tag main-L2 --data arith:2:256:7 --methods none ttrl spine spine-v2 \\
         --lr ttrl=3e-6 spine=1e-5 spine-v2=1e-5 --seeds 0 1 --steps 32
+    # an ablation on the same questions: SPINE's forking selection without the entropy band
+    python bench/quality.py --tag main-L2 --data arith:2:256:7 --methods spine --lr spine=1e-5 \
+        --seeds 0 1 --steps 32 --set spine.band=none --variant noband
 
 The summary reports, per method, the metrics before/after (mean over seeds), the ``\\boxed{}``
 format rate, pseudo-label accuracy, completion length and entropy at forking/other tokens, wall
@@ -72,13 +75,15 @@ def base_config(args, method: str, seed: int, lr: float, out: Path):
     }
     if args.model is None:
         del overrides["model"]["model"]
+    for section, fields in (parse_sets(args.set).items() if method != "none" else ()):
+        overrides.setdefault(section, {}).update(fields)
     return make_config(method, overrides=overrides)
 
 
 def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
     from spine_ttrl import adapt
 
-    name = "base" if method == "none" else f"{method}-lr{lr:g}-s{seed}"
+    name = "base" if method == "none" else f"{run_key(method, args.variant, lr)}-s{seed}"
     out_json = tag_dir / f"{name}.json"
     if out_json.exists():
         return out_json
@@ -93,7 +98,7 @@ def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
     ev = res.eval_before if method == "none" else res.eval_after
     if not ev.records:  # a resumed run that had already finished: evaluate again is not needed, but records are
         raise RuntimeError(f"{run_dir}: finished run without per-question records; delete it and run again")
-    record = {"method": method, "seed": seed, "lr": lr, "data": args.data, "model": args.model or "embedded",
+    record = {"method": method, "variant": args.variant or "", "set": args.set, "seed": seed, "lr": lr, "data": args.data, "model": args.model or "embedded",
               "wall_s": wall, "eval": ev.metrics, "records": _records(ev), "steps": res.metrics}
     _write_json(out_json, record)
     if method == "none":
@@ -146,8 +151,8 @@ def summarize(tag_dir: Path, k: int) -> dict:
     base = json.loads(base_file.read_text()) if base_file.exists() else None
     runs: dict[str, list[dict]] = {}
     records = [json.loads(f.read_text()) for f in tag_dir.glob("*-lr*-s*.json")]
-    for r in sorted(records, key=lambda r: (METHODS.index(r["method"]), r["lr"], r["seed"])):
-        runs.setdefault(f"{r['method']}-lr{r['lr']:g}", []).append(r)
+    for r in sorted(records, key=lambda r: (METHODS.index(r["method"]), r.get("variant", ""), r["lr"], r["seed"])):
+        runs.setdefault(run_key(r["method"], r.get("variant", ""), r["lr"]), []).append(r)
     out: dict = {"tag": tag_dir.name, "k": k, "methods": {}}
     if base:
         out["base"] = {m: base["eval"].get(m) for m in
@@ -172,12 +177,14 @@ def summarize(tag_dir: Path, k: int) -> dict:
     if base:
         pq["base"] = per_question(base, k)
     comparisons = {}
-    spine_keys = [m for m in pq if m.startswith("spine-lr")] + [m for m in pq if m.startswith("spine-v2-lr")]
+    method_of = {key: rs[0]["method"] for key, rs in runs.items()}
+    spine_keys = [m for m in runs if method_of[m] == "spine"] + [m for m in runs if method_of[m] == "spine-v2"]
+    ttrl_keys = [m for m in runs if method_of[m] == "ttrl"]
     for s in spine_keys:
-        for other in [m for m in pq if m.startswith("ttrl-lr")] + (["base"] if base else []):
+        for other in ttrl_keys + (["base"] if base else []):
             comparisons[f"{s} - {other}"] = {m: paired_bootstrap(pq[s][m], pq[other][m]) for m in ("greedy", "avg")}
     if base:  # TTRL's own gain, for reference
-        for t in [m for m in pq if m.startswith("ttrl-lr")]:
+        for t in ttrl_keys:
             comparisons[f"{t} - base"] = {m: paired_bootstrap(pq[t][m], pq["base"][m]) for m in ("greedy", "avg")}
     out["paired_bootstrap"] = comparisons
     return out
@@ -249,6 +256,23 @@ def plot_curves(tag_dir: Path) -> Path | None:
     return out
 
 
+def run_key(method: str, variant: str | None, lr: float) -> str:
+    """Name of a method setting: ``spine-lr0.0001``, or ``spine+noband-lr0.0001`` for a variant."""
+    return f"{method}{'+' + variant if variant else ''}-lr{lr:g}"
+
+
+def parse_sets(values: list[str]) -> dict[str, dict[str, str]]:
+    """``--set spine.band=none optim.clip_eps=0.3`` -> {"spine": {"band": "none"}, "optim": {...}}."""
+    out: dict[str, dict[str, str]] = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not section or not field:
+            raise SystemExit(f"--set: expected section.field=value, got {v!r}")
+        out.setdefault(section, {})[field] = value
+    return out
+
+
 def parse_lrs(values: list[str], methods: list[str]) -> dict[str, list[float]]:
     """``--lr 1e-5`` (all methods) or ``--lr ttrl=3e-6 spine=1e-5``; ``--lrs`` gives a grid."""
     out: dict[str, list[float]] = {}
@@ -285,8 +309,14 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="extra config settings for every trained method (an ablation); needs --variant")
+    ap.add_argument("--variant", default="", help="name of the --set variant, part of the run names (spine+NAME-lr...)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild summary files")
     args = ap.parse_args()
+    if bool(args.set) != bool(args.variant):
+        ap.error("--set and --variant go together: a variant must be named so its runs are not mixed with the preset's")
+    parse_sets(args.set)  # fail on a malformed setting before any run starts
 
     tag_dir = ROOT / args.tag
     tag_dir.mkdir(parents=True, exist_ok=True)

@@ -96,3 +96,33 @@ def test_summarize_averages_seeds_per_question_then_compares(tmp_path):
     quality.write_markdown(s, tmp_path / "summary.md")
     md = (tmp_path / "summary.md").read_text()
     assert "| spine-lr0.0001 (seeds [0, 1]) | 0.625" in md and "0.250→0.750" in md and "100→80" in md
+
+
+def test_sets_and_variants_name_runs_apart():
+    assert quality.parse_sets(["spine.band=none", "spine.beta_up=0.1", "optim.lr=1"]) == {
+        "spine": {"band": "none", "beta_up": "0.1"}, "optim": {"lr": "1"}}
+    for bad in ("band=none", "spine.band", ".band=x", "spine.=x"):
+        with pytest.raises(SystemExit):
+            quality.parse_sets([bad])
+    assert quality.run_key("spine", "", 1e-4) == "spine-lr0.0001"
+    assert quality.run_key("spine", "noband", 1e-4) == "spine+noband-lr0.0001"
+
+
+def test_a_variant_is_summarised_and_compared_on_its_own(tmp_path):
+    import json
+
+    steps = [{"step": 1, "time/step_s": 1.0}]
+    (tmp_path / "base.json").write_text(json.dumps(_run_record("none", 0, [0, 0, 1, 0], [0, 1, 2, 0], [])))
+    recs = {"ttrl-lr0.0001-s0.json": _run_record("ttrl", 0, [0, 1, 1, 0], [1, 1, 2, 0], steps),
+            "spine-lr0.0001-s0.json": _run_record("spine", 0, [1, 1, 1, 0], [2, 1, 2, 0], steps),
+            "spine+noband-lr0.0001-s0.json": dict(_run_record("spine", 0, [1, 1, 1, 1], [2, 2, 2, 2], steps),
+                                                  variant="noband")}
+    for name, rec in recs.items():
+        (tmp_path / name).write_text(json.dumps(rec))
+    s = quality.summarize(tmp_path, k=2)
+    assert list(s["methods"]) == ["ttrl-lr0.0001", "spine-lr0.0001", "spine+noband-lr0.0001"]
+    assert s["methods"]["spine+noband-lr0.0001"]["eval"]["greedy_pass@1"] == 1.0
+    assert s["methods"]["spine-lr0.0001"]["eval"]["greedy_pass@1"] == 0.75
+    c = s["paired_bootstrap"]
+    assert c["spine+noband-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.5)
+    assert c["spine-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.25)
