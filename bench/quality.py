@@ -236,9 +236,11 @@ def plot_curves(tag_dir: Path) -> Path | None:
     if not files:
         return None
     panels = [("completion/length_mean", "completion length (tokens)"), ("vote/label_accuracy", "pseudo-label accuracy"),
-              ("entropy/forking_mean", "entropy, forking tokens"), ("entropy/other_mean", "entropy, other tokens"),
-              ("vote/sample_accuracy", "rollout accuracy vs labels (online avg@votes)"), ("reward/mean", "pseudo-reward")]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+              ("vote/sample_accuracy", "rollout accuracy vs labels (online avg@votes)"), ("reward/mean", "pseudo-reward"),
+              ("entropy/all_mean", "entropy, all completion tokens"),
+              ("entropy/forking_mean", "entropy, selected tokens (ttrl: all)"),
+              ("entropy/other_mean", "entropy, unselected tokens"), ("loss/band", "band penalty")]
+    fig, axes = plt.subplots(2, 4, figsize=(19, 8))
     for f in files:
         r = json.loads(f.read_text())
         label = f"{r['method']} lr{r['lr']:g} s{r['seed']}"
