@@ -98,7 +98,8 @@ def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
     ev = res.eval_before if method == "none" else res.eval_after
     if not ev.records:  # a resumed run that had already finished: evaluate again is not needed, but records are
         raise RuntimeError(f"{run_dir}: finished run without per-question records; delete it and run again")
-    record = {"method": method, "variant": args.variant or "", "set": args.set, "seed": seed, "lr": lr, "data": args.data, "model": args.model or "embedded",
+    record = {"method": method, "variant": args.variant, "set": args.set, "seed": seed, "lr": lr, "data": args.data,
+              "model": args.model or "embedded",
               "wall_s": wall, "eval": ev.metrics, "records": _records(ev), "steps": res.metrics}
     _write_json(out_json, record)
     if method == "none":
@@ -243,7 +244,7 @@ def plot_curves(tag_dir: Path) -> Path | None:
     fig, axes = plt.subplots(2, 4, figsize=(19, 8))
     for f in files:
         r = json.loads(f.read_text())
-        label = f"{r['method']} lr{r['lr']:g} s{r['seed']}"
+        label = f"{run_key(r['method'], r.get('variant', ''), r['lr'])} s{r['seed']}"
         for ax, (key, title) in zip(axes.flat, panels):
             pts = [(s["step"], s[key]) for s in r["steps"] if key in s and s[key] == s[key]]
             if pts:
