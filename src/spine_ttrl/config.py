@@ -77,6 +77,7 @@ class SpineConfig:
     band_high_q: float = _f(0.5, "Upper band quantile (band=quantile).")
     beta_low: float = _f(1.0, "Band weight for forking tokens below the band (pushes entropy up).")
     beta_up: float = _f(1.0, "Band weight for forking tokens above the band (pushes entropy down).")
+    band_anchor: str = _f("none", "Where the band edges come from: none = from each response's own forking tokens at every update (the paper); first = pooled over all forking tokens of the first update, then fixed for the run (a SIREN-style anchor, our option: the per-response band keeps half of every response's forks above its median).", ("none", "first"))
     kl_coef: float = _f(0.0, "Coefficient of the k3 KL to the frozen initial model (0 = off, no reference model kept).")
     kl_tokens: str = _f("selected", "Tokens the KL is computed on: the selected (forking) tokens or all completion tokens.", ("selected", "all"))
 
@@ -144,6 +145,7 @@ class Config:
             (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.spine.rho <= 1, "rho must be in [0, 1]"),
             (0 <= self.spine.band_low_q <= self.spine.band_high_q <= 1, "need 0 <= band_low_q <= band_high_q <= 1"),
+            (self.spine.band_anchor == "none" or self.spine.band != "none", "band_anchor=first needs a band (band=quantile or mad)"),
             (o.steps >= 0, "steps must be >= 0"),
             (o.questions_per_step >= 1, "questions_per_step must be >= 1"),
             (o.micro_batch_size >= 1, "micro_batch_size must be >= 1"),

@@ -14,7 +14,8 @@ One step, in this order (the whole loop is in :func:`adapt`, readable top to bot
 4. **Select**: the selection entropies of the whole optimiser batch are the sampler's (the
    entropy of softmax(logits / temperature) it drew each token from). The forking mask (top-ρ
    over the batch / group / response, or Otsu) and the band edges are computed once here, from
-   the whole batch, *before* micro-batching. The old log-probs are the detached log-probs of
+   the whole batch, *before* micro-batching (``band_anchor=first``: pooled once at the first
+   update, then fixed for the run and saved in checkpoints). The old log-probs are the detached log-probs of
    the first update's gradient pass, which runs with the sampling weights (ratio exactly 1
    then): no separate scoring pass.
 5. **Loss** per micro-batch with gradient: clipped policy term on the selected tokens and
@@ -59,7 +60,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .data import load_examples, resolve_task
-from .losses import band_edges, band_penalty, group_advantages, kl_penalty, policy_loss
+from .losses import band_edges, band_penalty, group_advantages, kl_penalty, policy_loss, pooled_band_edges
 from .models import forward_hidden, load_model_and_tokenizer, output_head
 from .prompting import encode_examples
 from .report import collapse_warnings, read_jsonl, write_report
@@ -194,7 +195,8 @@ def score_batch(model, batch, micro_batch_size: int, *, temperature: float, chun
 
 
 def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, temperature: float, group_size: int,
-                    amp=None, ref_logp=None, log=None, behaviour_entropy=None) -> dict[str, float]:
+                    amp=None, ref_logp=None, log=None, behaviour_entropy=None,
+                    band_anchor: tuple[float, float] | None = None) -> dict[str, float]:
     """Select forking tokens and run ``o.updates_per_batch`` optimiser updates on one batch.
 
     ``batch`` is :func:`build_training_batch`'s output, ``advantages`` (B,), ``sp`` the
@@ -210,6 +212,11 @@ def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, tempe
       the first update's gradient pass, which runs with the sampling weights.
     - one micro-batch and one update: the gradient pass itself provides them (detached).
     - otherwise: one no-grad scoring pass over the batch before the first update.
+
+    With ``sp.band_anchor == "first"`` every response gets the same edges ``band_anchor``
+    (low, high); when it is None (the run's first update) they are pooled over this batch's
+    forking tokens (:func:`pooled_band_edges`) and returned as ``band/anchor_low`` and
+    ``band/anchor_high`` for the caller to keep.
     """
     token_mask = batch[4]
     B, T = token_mask.shape
@@ -227,6 +234,13 @@ def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, tempe
         f = select_tokens(ent, token_mask, sp, group_size)
         if sp.band == "none":
             return f, None, None
+        if sp.band_anchor == "first":
+            a_lo, a_hi = band_anchor if band_anchor is not None else pooled_band_edges(
+                ent, f, sp.band, sp.band_low_q, sp.band_high_q)
+            m["band/anchor_low"], m["band/anchor_high"] = a_lo, a_hi
+            has = f.any(dim=1)  # rows without a forking token keep NaN edges (no band, no metrics)
+            nan = torch.full((B,), float("nan"))
+            return f, torch.where(has, torch.tensor(a_lo), nan), torch.where(has, torch.tensor(a_hi), nan)
         lo, hi = band_edges(ent, f, sp.band, sp.band_low_q, sp.band_high_q)
         return f, lo, hi
 
@@ -397,6 +411,7 @@ def adapt(config: Config) -> RunResult:
     G = s.num_train_samples
     start_step = 1
     warned: set[str] = set()
+    band_anchor: tuple[float, float] | None = None  # band_anchor=first: edges fixed at the first update
 
     if checkpoints:
         state = load_checkpoint(checkpoints[-1])
@@ -410,6 +425,7 @@ def adapt(config: Config) -> RunResult:
             truncate_lines(out_dir / name, n)
         result.metrics = read_jsonl(metrics_file)
         warned = set(state.get("warned", []))
+        band_anchor = tuple(state["band_anchor"]) if state.get("band_anchor") else None
         log.info(f"resumed {out_dir} from {checkpoints[-1].name}: continuing at step {start_step}")
     elif run.resume:
         log.info(f"{out_dir}: no checkpoint yet, starting the run again from step 1")
@@ -427,7 +443,8 @@ def adapt(config: Config) -> RunResult:
             "model": trainable_state(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "sampling_rng": sampling_gen.get_state(),
             "selection_rng": selection_gen.get_state(), "order": list(order), "step": step,
-            "lines": lines, "warned": sorted(warned)}, keep=run.keep_checkpoints)
+            "lines": lines, "warned": sorted(warned),
+            "band_anchor": list(band_anchor) if band_anchor else None}, keep=run.keep_checkpoints)
 
     for step in range(start_step, o.steps + 1):
         t_step = time.perf_counter()
@@ -523,7 +540,10 @@ def adapt(config: Config) -> RunResult:
         # ---- score, select, loss, optimiser step(s)
         m.update(update_on_batch(model, optimizer, params, batch, advantages, sp, o, temperature=s.temperature,
                                  group_size=G, amp=amp, ref_logp=ref_logp, log=log,
-                                 behaviour_entropy=behaviour_entropy))
+                                 behaviour_entropy=behaviour_entropy, band_anchor=band_anchor))
+        if sp.band_anchor == "first" and band_anchor is None and math.isfinite(m.get("band/anchor_low", math.nan)):
+            band_anchor = (m["band/anchor_low"], m["band/anchor_high"])
+            log.info(f"band anchored at [{band_anchor[0]:.4f}, {band_anchor[1]:.4f}] (pooled forking-token entropy, step {step})")
         scheduler.step()
         m["tokens/trained"] = float(n_tokens)
         _finish_step(m, t_step, metrics_file, log)

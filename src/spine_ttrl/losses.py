@@ -129,6 +129,29 @@ def band_edges(
     return low.to(torch.float32), high.to(torch.float32)
 
 
+def pooled_band_edges(
+    entropies: torch.Tensor,
+    fork_mask: torch.Tensor,
+    kind: str = "quantile",
+    low_q: float = 0.1,
+    high_q: float = 0.5,
+) -> tuple[float, float]:
+    """One band [low, high] over the forking tokens of the *whole* batch (for an anchored band).
+
+    The same statistics as :func:`band_edges`, but over the pooled set S = ∪_i S_i instead of
+    each response's own S_i: ``quantile`` → [Q_low_q(H_S), Q_high_q(H_S)]; ``mad`` →
+    [max(c − s, 0), c] with c = median(H_S), s = max(1.4826 · median(|H_S − c|), 1e-6).
+    Example: forks {1, 2} in one row and {3, 4, 5} in another, quantile 0.1/0.5 → pooled
+    values 1..5 → low = 1 + 0.4·(2 − 1) = 1.4, high = 3.
+
+    Computed once at the first update and then held fixed, the edges stop moving with the
+    policy (the per-response v1 band always has half of a response's forks above its median).
+    No forking token → (nan, nan). Shapes: entropies (B, T), fork_mask (B, T) → two floats.
+    """
+    low, high = band_edges(entropies.reshape(1, -1), fork_mask.reshape(1, -1), kind, low_q, high_q)
+    return float(low[0]), float(high[0])
+
+
 def band_penalty(
     entropies: torch.Tensor,
     fork_mask: torch.Tensor,

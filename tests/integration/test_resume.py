@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 ARGS = ["--data", "arith:1:4:3", "--preset", "spine", "--steps", "3", "--questions-per-step", "2",
         "--num-votes", "4", "--num-train-samples", "2", "--max-new-tokens", "12", "--micro-batch-size", "2",
         "--eval-samples", "0", "--eval-limit", "1", "--eval-max-new-tokens", "4", "--skip-eval-before",
-        "--lr", "1e-4", "--threads", "1", "--seed", "7", "--no-progress", "--save-every", "1"]
+        "--lr", "1e-4", "--threads", "1", "--seed", "7", "--no-progress", "--save-every", "1",
+        "--band-anchor", "first"]  # the anchored band's edges are state: a resume must restore them
 
 
 def _cli(*argv):
@@ -65,6 +66,8 @@ def test_kill_and_resume_reproduces_uninterrupted_run(tmp_path):
                 assert math.isnan(y[k]), k
             else:
                 assert y[k] == pytest.approx(x[k], abs=1e-6), (k, x[k], y[k])
+    # the band stayed where step 1 put it (and the resumed run restored it, compared above)
+    assert len({(m["band/anchor_low"], m["band/anchor_high"]) for m in ma}) == 1
     assert (killed / "final" / "config.json").exists()
     # keep_checkpoints = 2: only the newest two remain
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-000002", "step-000003"]

@@ -56,6 +56,9 @@ def test_validation():
         make_config(overrides={"spine": {"rho": 1.5}})
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("grpo")
+    with pytest.raises(ValueError, match="band_anchor=first needs a band"):
+        make_config("ttrl", overrides={"spine": {"band_anchor": "first"}})
+    assert make_config("spine-v2", overrides={"spine": {"band_anchor": "first"}}).spine.band_anchor == "first"
     with pytest.raises(ValueError):
         load_toml("/nonexistent/file.toml")
 

@@ -18,7 +18,7 @@ def _batch():
     return build_training_batch(prompts, comps, pad_id=0)
 
 
-def _update(preset, micro, updates=1, adv=None, behaviour_entropy=None, **spine):
+def _update(preset, micro, updates=1, adv=None, behaviour_entropy=None, anchor=None, **spine):
     model = tiny_llama(seed=1)
     model.float()
     cfg = make_config(preset, overrides={"optim": {"micro_batch_size": micro, "updates_per_batch": updates,
@@ -27,7 +27,7 @@ def _update(preset, micro, updates=1, adv=None, behaviour_entropy=None, **spine)
     opt = torch.optim.SGD(params, lr=1e-2)
     adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2) if adv is None else adv
     m = update_on_batch(model, opt, params, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7, group_size=2,
-                        behaviour_entropy=behaviour_entropy)
+                        behaviour_entropy=behaviour_entropy, band_anchor=anchor)
     return model, m
 
 
@@ -90,6 +90,29 @@ def test_sampler_entropies_replace_the_scoring_pass_exactly(preset, updates):
         if updates == 3:
             assert m["policy/approx_kl"] > 0  # later updates saw the stored behaviour log-probs
         assert m["time/scoring_s"] < 0.05  # no scoring pass was run
+
+
+@pytest.mark.parametrize("preset", ["spine", "spine-v2"])
+def test_anchored_band_pools_the_first_batch_then_holds_the_given_edges(preset):
+    from spine_ttrl.loop import score_batch, select_tokens
+    from spine_ttrl.losses import pooled_band_edges
+
+    ent = score_batch(tiny_llama(seed=1).float(), _batch(), 4, temperature=0.7, chunk_size=512)[1]
+    cfg = make_config(preset, overrides={"spine": {"band_anchor": "first"}})
+    fork = select_tokens(ent, _batch()[4], cfg.spine, 2)
+    lo, hi = pooled_band_edges(ent, fork, cfg.spine.band, cfg.spine.band_low_q, cfg.spine.band_high_q)
+    # first update: the edges are pooled over the batch's forks and reported for the caller
+    _, m = _update(preset, 2, behaviour_entropy=ent, band_anchor="first")
+    assert m["band/anchor_low"] == pytest.approx(lo) and m["band/anchor_high"] == pytest.approx(hi)
+    assert m["band/low_mean"] == pytest.approx(lo, abs=1e-6) and m["band/high_mean"] == pytest.approx(hi, abs=1e-6)
+    # later updates: the given edges, for every response, whatever this batch's entropies
+    model_a, m = _update(preset, 2, behaviour_entropy=ent, anchor=(0.0, 0.0), band_anchor="first")
+    assert m["band/anchor_high"] == 0.0 and m["band/above_fraction"] == 1.0 and m["band/below_fraction"] == 0.0
+    model_b, _ = _update(preset, 2, behaviour_entropy=ent, band_anchor="first")
+    assert any(not torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+    # the per-response band (the paper's) reports no anchor
+    _, m = _update(preset, 2, behaviour_entropy=ent)
+    assert "band/anchor_low" not in m
 
 
 def test_behaviour_entropy_of_the_wrong_shape_is_refused():

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from spine_ttrl.losses import band_edges, band_penalty, group_advantages, kl_penalty, policy_loss, quantile_linear
+from spine_ttrl.losses import (band_edges, band_penalty, group_advantages, kl_penalty, policy_loss, pooled_band_edges,
+                               quantile_linear)
 
 
 # ---------------------------------------------------------------- group_advantages
@@ -159,6 +160,21 @@ def test_band_edges_mad_hand():
     low, high = band_edges(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.ones(2, 2, dtype=torch.bool), "mad")
     assert_close(low, torch.tensor([0.0, 1.0 - 1e-6]))
     assert_close(high, torch.tensor([0.0, 1.0]))
+
+
+def test_pooled_band_edges_hand():
+    # forks {1, 2} and {3, 4, 5} (9 and 7 are not forks): pooled 1..5 -> Q0.1 = 1.4, Q0.5 = 3
+    H = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 5.0]])
+    fork = torch.tensor([[True, True, False], [True, True, True]])
+    assert pooled_band_edges(H, fork, "quantile", 0.1, 0.5) == pytest.approx((1.4, 3.0))
+    # per response the edges differ: [1.1, 1.5] and [3.2, 4.0]
+    low, high = band_edges(H, fork, "quantile", 0.1, 0.5)
+    assert_close(low, torch.tensor([1.1, 3.2]))
+    assert_close(high, torch.tensor([1.5, 4.0]))
+    # mad over 1..5: c = 3, |dev| = {2,1,0,1,2} -> MAD 1 -> [3 - 1.4826, 3]
+    assert pooled_band_edges(H, fork, "mad") == pytest.approx((1.5174, 3.0))
+    lo, hi = pooled_band_edges(H, torch.zeros_like(fork))
+    assert math.isnan(lo) and math.isnan(hi)
 
 
 def test_band_edges_no_fork_is_nan_and_penalty_ignores_it():
