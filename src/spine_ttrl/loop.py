@@ -15,9 +15,9 @@ One step, in this order (the whole loop is in :func:`adapt`, readable top to bot
    entropy of softmax(logits / temperature) it drew each token from). The forking mask (top-ρ
    over the batch / group / response, or Otsu) and the band edges are computed once here, from
    the whole batch, *before* micro-batching (``band_anchor=first``: pooled once at the first
-   update, then fixed for the run and saved in checkpoints). The old log-probs are the detached log-probs of
-   the first update's gradient pass, which runs with the sampling weights (ratio exactly 1
-   then): no separate scoring pass.
+   update, then fixed for the run and saved in checkpoints). The old log-probs are the
+   detached log-probs of the first update's gradient pass, which runs with the sampling
+   weights (ratio exactly 1 then): no separate scoring pass.
 5. **Loss** per micro-batch with gradient: clipped policy term on the selected tokens and
    band term, both divided by the total number of completion tokens of the optimiser batch
    (the paper's convention: SPINE's step is then about ρ × TTRL's at equal learning rate);
