@@ -181,7 +181,8 @@ def _section_types() -> dict[str, type]:
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "config") -> Config:
     """Set fields from a nested mapping {section: {field: value}} (or top-level ``preset``).
 
-    Unknown sections or fields raise ValueError naming them and the ``source``.
+    Unknown sections or fields, and values outside a field's choices, raise ValueError naming
+    them and the ``source``.
     """
     for key, value in overrides.items():
         if key == "preset":
@@ -194,7 +195,11 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "confi
         for fname, fval in value.items():
             if fname not in names:
                 raise ValueError(f"{source}: unknown setting {key}.{fname}")
-            setattr(section, fname, _coerce(fval, type(section), fname, f"{source}: {key}.{fname}"))
+            val = _coerce(fval, type(section), fname, f"{source}: {key}.{fname}")
+            choices = names[fname].metadata.get("choices")
+            if choices is not None and val not in choices:
+                raise ValueError(f"{source}: {key}.{fname} must be one of {', '.join(map(str, choices))}, got {val!r}")
+            setattr(section, fname, val)
     return cfg
 
 

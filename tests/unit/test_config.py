@@ -56,6 +56,11 @@ def test_validation():
         make_config(overrides={"spine": {"rho": 1.5}})
     with pytest.raises(ValueError, match="unknown preset"):
         make_config("grpo")
+    # choices hold for config files and the API too, not only for CLI flags
+    with pytest.raises(ValueError, match="spine.band_anchor must be one of none, first, got 'last'"):
+        make_config("spine", overrides={"spine": {"band_anchor": "last"}})
+    with pytest.raises(ValueError, match="spine.band must be one of"):
+        make_config("spine", overrides={"spine": {"band": "bogus"}})
     with pytest.raises(ValueError, match="band_anchor=first needs a band"):
         make_config("ttrl", overrides={"spine": {"band_anchor": "first"}})
     assert make_config("spine-v2", overrides={"spine": {"band_anchor": "first"}}).spine.band_anchor == "first"
