@@ -19,7 +19,9 @@ Settings: ``fp32`` = both engines in fp32; ``best`` = bf16 autocast (our ``preci
 ``bf16=True``), each engine's best CPU setting here. Reported per engine: median seconds per
 timed step, peak RSS of the process (``ru_maxrss``), prompt and completion tokens per step,
 sampling / forward+backward / optimiser time, training FLOP/s (6 x parameters x trained sequence
-tokens / forward+backward time) against the matmul peak measured by ``--worker peak``.
+tokens / forward+backward time; and the same over the positions the model actually ran, which
+for our engine count a prompt shared by a question's samples once) against the matmul peak
+measured by ``--worker peak``.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def worker_ours(precision: str, steps: int, seed: int, threads: int, micro: int 
             "prompt_tokens": float(sum(prompt_lens) * SAMPLES),
             "completion_tokens": completion,
             "trained_completion_tokens": m.get("tokens/trained", 0.0),
+            "model_positions": m.get("tokens/model_positions", 0.0),
         })
     return {"steps": rows, "params": n_params, "wall_s": wall, "peak_rss_mb": _peak_rss_mb()}
 
@@ -241,9 +244,15 @@ def summarize(peak: dict | None) -> dict:
             params = runs[0]["params"]
             fb_tokens = med["prompt_tokens"] + med["completion_tokens"]
             med["train_gflops_per_s"] = 6 * params * fb_tokens / max(med["forward_backward_s"], 1e-9) / 1e9
+            # FLOP/s of what the model actually ran: our engine runs a prompt shared by a question's
+            # samples once (tokens/model_positions); TRL runs every row's prompt (its padding is not
+            # counted, so its figure is a lower bound).
+            positions = med.get("model_positions") or fb_tokens
+            med["model_gflops_per_s"] = 6 * params * positions / max(med["forward_backward_s"], 1e-9) / 1e9
             if peak:
                 pk = peak["bf16_gflops" if setting == "best" else "fp32_gflops"]
                 med["train_fraction_of_peak"] = med["train_gflops_per_s"] / pk
+                med["model_fraction_of_peak"] = med["model_gflops_per_s"] / pk
             med["repetitions"] = len(runs)
             med["params"] = params
             per_engine[engine] = med
@@ -256,8 +265,9 @@ def summarize(peak: dict | None) -> dict:
 
 
 def print_table(summary: dict) -> None:
-    print("| setting | engine | s/step | sampling s | reward s | fwd+bwd s | optim s | prompt+completion tok | peak RSS MB | train GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| setting | engine | s/step | sampling s | reward s | fwd+bwd s | optim s | prompt+completion tok | "
+          "positions run | peak RSS MB | GFLOP/s per token trained | GFLOP/s run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting, d in summary["settings"].items():
         for engine in ("ours", "trl"):
             if engine not in d:
@@ -265,9 +275,10 @@ def print_table(summary: dict) -> None:
             m = d[engine]
             print(f"| {setting} | {engine} | {m['step_s']:.1f} | {m['sampling_s']:.1f} | {m['reward_s']:.2f} | "
                   f"{m['forward_backward_s']:.1f} | {m['optimizer_s']:.2f} | {m['prompt_tokens']:.0f}+{m['completion_tokens']:.0f} | "
-                  f"{m['peak_rss_mb']:.0f} | {m['train_gflops_per_s']:.0f} |")
+                  f"{m.get('model_positions') or m['prompt_tokens'] + m['completion_tokens']:.0f} | "
+                  f"{m['peak_rss_mb']:.0f} | {m['train_gflops_per_s']:.0f} | {m['model_gflops_per_s']:.0f} |")
         if "ratio_step_time" in d:
-            print(f"| {setting} | ours/TRL | {d['ratio_step_time']:.2f} | | | | | | {d['ratio_peak_rss']:.2f} | |")
+            print(f"| {setting} | ours/TRL | {d['ratio_step_time']:.2f} | | | | | | | {d['ratio_peak_rss']:.2f} | | |")
 
 
 def main() -> None:

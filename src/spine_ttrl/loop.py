@@ -66,7 +66,7 @@ from .prompting import encode_examples
 from .report import collapse_warnings, read_jsonl, write_report
 from .rewards import majority_rewards
 from .sampling import autocast_context as _autocast
-from .sampling import sample
+from .sampling import sample, select_cache_rows, shared_rows
 from .tokens import logprobs_and_entropy, otsu_mask, top_entropy_mask
 
 
@@ -125,22 +125,63 @@ def build_training_batch(prompt_ids: list[list[int]], completion_ids: list[list[
     return input_ids, attn, position_ids, completion, token_mask, P
 
 
-def score_completions(model, batch, rows, *, temperature: float, chunk_size: int):
+def _plain_cache(cache) -> bool:
+    """True when every layer of ``cache`` keeps all columns (no sliding window): safe to extend."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return False
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def score_completions(model, batch, rows, *, temperature: float, chunk_size: int, share_prompts: bool = True,
+                      stats: dict | None = None):
     """Log-probs and entropies (B_mb, T) of the completion tokens of ``rows`` of ``batch``.
 
     Uses the final hidden states and the output head through the chunked
     ``logprobs_and_entropy``: no (B, T, V) logits tensor is ever built.
+
+    Rows that share a prompt (the G samples of one question) run it once: the distinct prompts
+    go through the model with a KV cache, the cache is expanded to the rows (``index_select``:
+    its backward sums the rows' gradients into the shared prompt), and the completions run on
+    top of it. Same log-probs, entropies and gradients as the plain (B_mb, P + T) pass up to
+    float rounding, with ``(G - 1) / G`` of the prompt tokens' forward and backward saved.
+    ``share_prompts=False`` forces the plain pass; so does a model whose cache is not a plain
+    full-attention ``DynamicCache`` (sliding windows). ``stats["positions"]``, if given, is
+    increased by the number of sequence positions run through the model.
     """
     input_ids, attn, pos, completion, token_mask, P = batch
     # Drop the columns that are padding in every row of this micro-batch.
     a = attn[rows]
     first = int(a.long().argmax(dim=1).min())
     last = int(token_mask[rows].long().sum(dim=1).max())
-    sl = slice(first, P + max(last, 1))
-    hidden = forward_hidden(model, input_ids[rows, sl], a[:, sl].long(), pos[rows, sl])
     T = max(last, 1)
-    h = hidden[:, P - first - 1:P - first - 1 + T]
     weight, bias = output_head(model)
+    h = None
+    if share_prompts:
+        keep, inverse = shared_rows(input_ids[rows, first:P], a[:, first:P])
+        if keep.numel() < len(rows):
+            u = [rows[i] for i in keep.tolist()]
+            hp, cache = forward_hidden(model, input_ids[u, first:P], attn[u, first:P].long(), pos[u, first:P],
+                                       return_cache=True)
+            if _plain_cache(cache):
+                parts = [hp[inverse, -1:]]
+                if T > 1:
+                    cache = select_cache_rows(cache, inverse)
+                    parts.append(forward_hidden(model, input_ids[rows, P:P + T - 1], a[:, first:P + T - 1].long(),
+                                                pos[rows, P:P + T - 1], past_key_values=cache))
+                h = torch.cat(parts, dim=1)
+                positions = len(u) * (P - first) + len(rows) * (T - 1)
+    if h is None:
+        sl = slice(first, P + T)
+        hidden = forward_hidden(model, input_ids[rows, sl], a[:, sl].long(), pos[rows, sl])
+        h = hidden[:, P - first - 1:P - first - 1 + T]
+        positions = len(rows) * (P - first + T)
+    if stats is not None:
+        stats["positions"] = stats.get("positions", 0) + positions
     logp, ent = logprobs_and_entropy(h, weight, completion[rows, :T], chunk_size=chunk_size,
                                      temperature=temperature, lm_head_bias=bias)
     return logp, ent, T
@@ -259,6 +300,7 @@ def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, tempe
     t_fb = t_opt = 0.0
     agg = {"loss/policy": 0.0, "loss/band": 0.0, "loss/kl": 0.0, "policy/clip_fraction": 0.0, "policy/approx_kl": 0.0}
     grad_norm = float("nan")
+    pass_stats: dict[str, int] = {}
     model.train()
     for epoch in range(o.updates_per_batch):
         t0 = time.perf_counter()
@@ -267,7 +309,8 @@ def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, tempe
         # micro-batch (the cast cache is dropped on exit, before the optimiser changes them).
         with _autocast(amp, model):
             for rows in mbs:
-                lp, en, _ = score_completions(model, batch, rows, temperature=temperature, chunk_size=o.logit_chunk_size)
+                lp, en, _ = score_completions(model, batch, rows, temperature=temperature,
+                                              chunk_size=o.logit_chunk_size, stats=pass_stats)
                 lp, en = _pad_cols(lp.float(), T), _pad_cols(en.float(), T)
                 if single_pass:
                     old_logp, ent_sel = lp.detach(), en.detach()
@@ -315,6 +358,7 @@ def update_on_batch(model, optimizer, params, batch, advantages, sp, o, *, tempe
         t_opt += time.perf_counter() - t0
     model.eval()
     m["time/forward_backward_s"] = t_fb
+    m["tokens/model_positions"] = float(pass_stats.get("positions", 0))
     m["time/optimizer_s"] = t_opt
     m.update(agg)
     m["optim/grad_norm"] = grad_norm

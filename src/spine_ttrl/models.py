@@ -410,25 +410,54 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def cache_kwarg(model) -> str:
+    """The forward keyword that takes a KV cache: ``cache`` (transformers >= 5.2x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (older releases)."""
+    import inspect
+
+    params = inspect.signature(unwrap_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned (``out.cache`` or, in older releases, ``out.past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def forward_hidden(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
+    *,
+    past_key_values=None,
+    return_cache: bool = False,
+):
     """Final hidden states ``(B, L, D)`` (after the final norm), without the LM head.
 
     ``position_ids`` default to ``cumsum(attention_mask) - 1``, the positions the sampler uses
     for left-padded prompts, so log-probs recomputed here match the sampling distribution
     (transformers' own forward would count positions from the first, padded, column).
+
+    ``past_key_values``: a KV cache of the first ``K`` columns; then ``input_ids`` are the next
+    ``L`` columns and ``attention_mask`` covers all ``K + L``. ``return_cache=True`` returns
+    ``(hidden, cache)`` with the cache extended by these columns (differentiable: gradients
+    flow back through the cached keys and values).
     """
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    out = _decoder(model)(
+    use_cache = return_cache or past_key_values is not None
+    decoder = _decoder(model)
+    kw = {cache_kwarg(decoder): past_key_values} if past_key_values is not None else {}
+    out = decoder(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        use_cache=False,
+        use_cache=use_cache,
         return_dict=True,
+        **kw,
     )
+    if return_cache:
+        return out.last_hidden_state, output_cache(out)
     return out.last_hidden_state

@@ -43,7 +43,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from spine_ttrl.models import position_ids_from_mask, unwrap_model
+from spine_ttrl.models import cache_kwarg, output_cache, position_ids_from_mask, unwrap_model
 from spine_ttrl.tokens import token_entropy
 
 
@@ -151,6 +151,22 @@ def select_cache_rows(cache, index: torch.Tensor):
     raise TypeError(f"do not know how to select rows of a {type(cache).__name__}")
 
 
+def shared_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deduplicate the rows of a left-padded prompt block.
+
+    ``ids``, ``mask``: (B, P). Returns ``keep`` (U,), the first row of each distinct (ids, mask)
+    row in order of appearance, and ``inverse`` (B,) with ``rows[i] == rows[keep[inverse[i]]]``.
+    """
+    key = torch.cat([ids, mask.long()], dim=1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    first = torch.full((uniq.shape[0],), ids.shape[0], dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(ids.shape[0], device=ids.device), reduce="amin")
+    order = first.argsort()  # distinct rows in order of first appearance
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=ids.device)
+    return first[order], rank[inverse]
+
+
 def _logits_kwargs(model) -> dict:
     """Ask the model for the last position's logits only (saves (B, P, V) logits at prefill)."""
     params = inspect.signature(unwrap_model(model).forward).parameters
@@ -227,19 +243,29 @@ def _sample_chunk(
     next_pos = attn.sum(-1)  # position of the next token = number of real tokens so far
     input_ids, position_ids = ids, position_ids_from_mask(attn)
     cache = _new_cache(model)
+    cache_key = cache_kwarg(model)
+    # Rows that repeat a prompt (the G samples of a question) share one prefill: the distinct
+    # prompts run once and their cache rows are copied to every sample.
+    keep, expand = shared_rows(ids, attn)
+    if keep.numel() == b or cache is None:
+        keep = expand = None
 
     for t in range(max_new_tokens):
+        sel = keep if (t == 0 and keep is not None) else slice(None)
         out = model(
-            input_ids=input_ids,
-            attention_mask=attn,
-            position_ids=position_ids,
-            past_key_values=cache,
+            input_ids=input_ids[sel],
+            attention_mask=attn[sel],
+            position_ids=position_ids[sel],
+            **{cache_key: cache},
             use_cache=True,
             **extra_kwargs,
         )
-        if out.past_key_values is not None:
-            cache = out.past_key_values
+        if output_cache(out) is not None:
+            cache = output_cache(out)
         logits = out.logits[:, -1, :].float()
+        if t == 0 and keep is not None:
+            logits = logits[expand]
+            cache = select_cache_rows(cache, expand)
         tok = next_tokens(logits, temperature, top_p, generator)
         tokens[active, t] = tok
         if entropies is not None:

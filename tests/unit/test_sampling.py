@@ -427,3 +427,90 @@ def test_autocast_context_follows_dtype_and_device():
         with autocast_context(torch.bfloat16, lin, enabled=False):
             assert not torch.is_autocast_enabled("cpu")
             assert lin(torch.ones(1, 2)).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Shared-prompt scoring: each distinct prompt runs once, the KV cache is expanded to its rows
+# --------------------------------------------------------------------------------------------
+
+
+def test_shared_rows_by_hand():
+    from spine_ttrl.loop import shared_rows
+
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [7, 8, 9], [0, 0, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    keep, inverse = shared_rows(ids, mask)
+    assert keep.tolist() == [0, 1, 4]  # first row of each distinct prompt, in order of appearance
+    assert inverse.tolist() == [0, 1, 0, 1, 2]
+    # a row whose ids match but whose mask differs is a different prompt (pad id used as a token)
+    keep, inverse = shared_rows(torch.tensor([[0, 5], [0, 5]]), torch.tensor([[0, 1], [1, 1]]))
+    assert keep.tolist() == [0, 1] and inverse.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_shared_prompt_scoring_equals_the_plain_pass_values_and_gradients(G):
+    """Log-probs, entropies and parameter gradients of the shared-prompt pass equal those of one
+    teacher-forced (B, P + T) pass, for a micro-batch mixing rows of several prompts of different
+    lengths (left padding) and completions of different lengths (right padding)."""
+    from spine_ttrl.loop import build_training_batch, score_completions
+
+    model = tiny_llama(seed=4).train()
+    g = torch.Generator().manual_seed(0)
+    prompts = [p for p in PROMPTS for _ in range(G)]
+    comps = [torch.randint(3, 64, (int(n),), generator=g).tolist()
+             for n in torch.randint(1, 9, (len(prompts),), generator=g)]
+    batch = build_training_batch(prompts, comps, PAD)
+    mask = batch[4]
+    rows = list(range(1, len(prompts)))  # a micro-batch that starts mid-group
+    weights = torch.randn(len(rows), mask.shape[1], generator=g)
+    out = {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        lp, en, T = score_completions(model, batch, rows, temperature=0.7, chunk_size=5, share_prompts=share)
+        m = mask[rows, :T].float()
+        ((lp * weights[:, :T] + 0.3 * en) * m).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        out[share] = (lp.detach() * m, en.detach() * m, grads)
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-5)
+    for n, g_plain in out[False][2].items():
+        torch.testing.assert_close(out[True][2][n], g_plain, atol=1e-5, rtol=1e-4, msg=n)
+    assert any(v.abs().sum() > 0 for k, v in out[True][2].items() if "layers.0" in k)
+
+
+def test_shared_prompt_scoring_with_one_token_completions():
+    from spine_ttrl.loop import build_training_batch, score_completions
+
+    model = tiny_llama(seed=5)
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2
+    batch = build_training_batch(prompts, [[7], [8], [9], [10], [11]], PAD)
+    rows = list(range(5))
+    with torch.no_grad():
+        a = score_completions(model, batch, rows, temperature=1.0, chunk_size=4, share_prompts=True)
+        b = score_completions(model, batch, rows, temperature=1.0, chunk_size=4, share_prompts=False)
+    assert a[2] == b[2] == 1
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefill_draws_the_same_samples_as_one_prefill_per_row(model, monkeypatch):
+    import spine_ttrl.sampling as sampling_mod
+
+    kw = dict(num_samples=4, max_new_tokens=10, temperature=0.9, pad_token_id=PAD, eos_token_ids=[],
+              return_entropy=True)
+    calls = []
+    real = sampling_mod.shared_rows
+
+    def spy(ids, mask):
+        keep, inverse = real(ids, mask)
+        calls.append(int(keep.numel()))
+        return keep, inverse
+
+    monkeypatch.setattr(sampling_mod, "shared_rows", spy)
+    shared = sample(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    assert calls == [len(PROMPTS)]  # 16 rows, 4 distinct prompts: 4 rows prefilled
+    monkeypatch.setattr(sampling_mod, "shared_rows",
+                        lambda ids, mask: (torch.arange(ids.shape[0]), torch.arange(ids.shape[0])))
+    plain = sample(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(shared.entropies, plain.entropies, atol=1e-5, rtol=1e-5)
