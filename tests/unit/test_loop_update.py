@@ -139,3 +139,35 @@ def test_make_optimizer_is_fused_adamw_with_the_same_step_as_the_loop_version():
     for p, q in zip(pa, pb):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
     assert not torch.equal(pa[0], next(tiny_llama(seed=1).parameters()))  # the steps moved the weights
+
+
+def test_model_positions_count_a_shared_prompt_once_per_micro_batch():
+    # prompts of lengths 3, 3 (the same), 2, 2 (the same): P = 3; completions of 2, 3, 1, 4 tokens
+    batch = build_training_batch([[5, 6, 7], [5, 6, 7], [8, 9], [8, 9]], [[3, 4], [3, 5, 6], [7], [7, 8, 9, 10]], 0)
+    cfg = make_config("spine", overrides={"optim": {"micro_batch_size": 4}})
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2)
+    counts = {}
+    for micro in (4, 2):
+        cfg.optim.micro_batch_size = micro
+        model = tiny_llama(seed=1)
+        params = list(model.parameters())
+        m = update_on_batch(model, torch.optim.SGD(params, lr=1e-3), params, batch, adv, cfg.spine, cfg.optim,
+                            temperature=0.7, group_size=2)
+        counts[micro] = m["tokens/model_positions"]
+    # one micro-batch: 2 distinct prompts x 3 columns + 4 rows x (T=4 - 1) completion inputs
+    assert counts[4] == 2 * 3 + 4 * 3
+    # rows 0-1: 1 x 3 + 2 x (3 - 1); rows 2-3: the first column is padding in both, 1 x 2 + 2 x (4 - 1)
+    assert counts[2] == (3 + 4) + (2 + 6)
+    # distinct prompts (lengths 5, 5, 3, 3; completions up to 7): every row runs P + T columns
+    _, m = _update("spine", 4)
+    assert m["tokens/model_positions"] == 4 * (5 + 7)
+
+
+@pytest.mark.parametrize("preset", ["ttrl", "spine", "spine-v2"])
+def test_every_update_metric_is_documented(preset):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    _, m = _update(preset, 2, kl_coef=0.1)
+    missing = [k for k in m if f"`{k}`" not in doc]
+    assert not missing, f"metrics not in docs/metrics.md: {missing}"
