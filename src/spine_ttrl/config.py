@@ -96,7 +96,7 @@ class OptimConfig:
     schedule: str = _f("constant", "Learning-rate schedule after warm-up.", ("constant", "cosine"))
     clip_eps: float = _f(0.2, "PPO clip range epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    logit_chunk_size: int = _f(512, "Rows per chunk in the chunked log-prob/entropy computation (bounds logits memory).")
+    logit_chunk_size: int = _f(128, "Rows per chunk in the chunked log-prob/entropy computation (bounds logits memory: chunk x vocabulary floats).")
 
 
 @dataclass
