@@ -27,7 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adapt a model on unlabeled questions (majority-vote pseudo-labels, GRPO), "
         "evaluating before and after. With no arguments: the embedded SmolLM2-135M-Instruct on "
         "built-in arithmetic word problems, a short demo budget.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_arguments(p_adapt)
     p_eval = sub.add_parser(

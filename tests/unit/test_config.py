@@ -81,3 +81,16 @@ def test_cli_flags_generated_with_help():
     assert ov == {"optim": {"lr": 1e-5, "steps": 3}, "run": {"progress": False}, "preset": "ttrl"}
     cfg = make_config(overrides=ov)
     assert cfg.optim.lr == 1e-5 and cfg.preset == "ttrl" and cfg.optim.micro_batch_size == 8
+
+
+def test_cli_help_shows_each_built_in_default_once():
+    import re
+
+    from spine_ttrl.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("adapt", "eval"):
+        text = " ".join(sub.choices[name].format_help().split())  # undo line wrapping
+        assert not re.search(r"\(default: [^)]*\) \(default:", text)  # argparse adding its own None
+        assert "chunk x vocabulary floats). (default: 128)" in text
+        assert text.count("(default: 128)") == 1
