@@ -260,8 +260,9 @@ def _sample_chunk(
             use_cache=True,
             **extra_kwargs,
         )
-        if output_cache(out) is not None:
-            cache = output_cache(out)
+        returned = output_cache(out)
+        if returned is not None:
+            cache = returned
         logits = out.logits[:, -1, :].float()
         if t == 0 and keep is not None:
             logits = logits[expand]
