@@ -201,6 +201,31 @@ def autocast_context(dtype: torch.dtype | None, model=None, enabled: bool = True
     return torch.autocast(device_type, dtype=dtype, enabled=enabled)
 
 
+@contextlib.contextmanager
+def cache_frozen_casts(model, dtype: torch.dtype | None):
+    """Let autocast keep one low-precision copy of each frozen weight (use under ``no_grad``).
+
+    Autocast caches the cast of a weight only if the weight is a leaf that requires grad; a
+    frozen fp32 weight (the base model under LoRA) is cast again at every forward, i.e. at every
+    decoding step: 1 GB of extra memory traffic per token for a 0.5B model. Inside ``no_grad``
+    no graph is built, so marking the frozen floating-point weights ``requires_grad`` for the
+    duration only switches the cache on (measured: Qwen2.5-0.5B + LoRA, 64 rows, bf16: 160 → 230
+    tokens/s). The flags are restored on exit, also on error; the cached copies live until the
+    outermost autocast context exits. A no-op without autocast (``dtype`` None) or under grad mode.
+    """
+    if dtype is None or torch.is_grad_enabled():
+        yield
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -362,7 +387,7 @@ def sample(
     try:
         # no_grad, not inference_mode: under inference_mode autocast re-casts every weight at
         # every decoding step (its cast cache is off there); measured 2x slower decoding in bf16.
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast, cache_frozen_casts(model, autocast_dtype):
             for start in range(0, B, chunk):
                 stop = min(start + chunk, B)
                 # Left-padded, so the chunk's prompts sit in its last `width` columns.

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from spine_ttrl.models import forward_hidden, output_head, position_ids_from_mask  # noqa: E402
-from spine_ttrl.sampling import Rollout, sample, select_cache_rows, top_p_filter  # noqa: E402
+from spine_ttrl.sampling import Rollout, cache_frozen_casts, sample, select_cache_rows, top_p_filter  # noqa: E402
 
 PAD = 0
 PROMPTS = [[1, 5, 9, 13], [1, 7], [1, 20, 21, 22, 23, 24, 25], [1, 40, 41]]  # lengths 4, 2, 7, 3
@@ -382,6 +382,69 @@ def test_sampling_a_lora_wrapped_model():
     assert isinstance(wrapped, peft.PeftModel)
     # LoRA's B starts at zero, so the wrapped model decodes exactly like the base model
     assert torch.equal(greedy(wrapped, max_new_tokens=8).completion_ids, ref.completion_ids)
+
+
+def _weight_casts(module, x, calls: int, cache: bool) -> int:
+    """Number of aten::_to_copy ops in ``calls`` no-grad bf16-autocast forwards of ``module``."""
+    import contextlib
+
+    from torch.profiler import profile
+
+    ctx = cache_frozen_casts(module, torch.bfloat16) if cache else contextlib.nullcontext()
+    with profile() as prof:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), ctx:
+            for _ in range(calls):
+                module(x)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+def test_frozen_weight_is_cast_once_per_autocast_context_and_flags_restored():
+    lin = torch.nn.Linear(4, 4, bias=False).requires_grad_(False)
+    x = torch.ones(2, 4)
+    # 3 calls: 3 input casts + 3 weight casts plainly, 3 input casts + 1 weight cast with the cache
+    assert _weight_casts(lin, x, 3, cache=False) == 6
+    assert _weight_casts(lin, x, 3, cache=True) == 4
+    assert not lin.weight.requires_grad
+
+
+def test_cache_frozen_casts_only_touches_frozen_float_weights_and_restores_on_error():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    net[0].requires_grad_(False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), cache_frozen_casts(net, torch.bfloat16):
+            assert all(p.requires_grad for p in net.parameters())
+            raise RuntimeError("boom")
+    assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]
+    # no autocast dtype, or grad mode on (flags would make autograd train frozen weights): no-op
+    with torch.no_grad(), cache_frozen_casts(net, None):
+        assert not net[0].weight.requires_grad
+    with cache_frozen_casts(net, torch.bfloat16):
+        assert not net[0].weight.requires_grad
+
+
+def test_bf16_sampling_of_a_lora_model_is_unchanged_by_the_cast_cache(monkeypatch):
+    pytest.importorskip("peft")
+    import contextlib
+
+    import spine_ttrl.sampling as sampling_mod
+    from spine_ttrl.models import _wrap_lora
+
+    wrapped = _wrap_lora(tiny_llama(), {"r": 4, "target_modules": "all-linear"})
+    with torch.no_grad():  # non-zero LoRA B, so the adapter takes part in the draws
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    flags = [p.requires_grad for p in wrapped.parameters()]
+
+    def draw():
+        return sample(wrapped, PROMPTS, num_samples=3, max_new_tokens=12, temperature=1.0, eos_token_ids=[],
+                      pad_token_id=PAD, generator=torch.Generator().manual_seed(3), autocast_dtype=torch.bfloat16)
+
+    cached = draw()
+    assert [p.requires_grad for p in wrapped.parameters()] == flags
+    monkeypatch.setattr(sampling_mod, "cache_frozen_casts", lambda model, dtype: contextlib.nullcontext())
+    plain = draw()
+    assert torch.equal(cached.completion_ids, plain.completion_ids)
 
 
 # --------------------------------------------------------------------------------------------
