@@ -24,6 +24,9 @@ Examples::
     # an ablation on the same questions: SPINE's forking selection without the entropy band
     python bench/quality.py --tag main-L2 --data arith:2:256:7 --methods spine --lr spine=1e-5 \
         --seeds 0 1 --steps 32 --set spine.band=none --variant noband
+    # the evaluation set in blocks: the same protocol on disjoint 16-question sets, then pooled
+    python bench/quality.py --tag block2-L5 --data arith:5:16:8 ...   # one block per tag
+    python bench/quality.py --tag pooled-L5 --pool pilot-L5 block2-L5 # means, SEs, CIs over all questions
 
 The summary reports, per method, the metrics before/after (mean over seeds), the ``\\boxed{}``
 format rate, pseudo-label accuracy, completion length and entropy at forking/other tokens, wall
@@ -147,13 +150,41 @@ def _compute_s(record: dict) -> float:
     return float(steps + record["eval"].get("time_s", float("nan")))
 
 
-def summarize(tag_dir: Path, k: int) -> dict:
+def _load_block(tag_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
+    """The base record (or None) and the finished runs of one tag, grouped by run key (seeds sorted)."""
     base_file = tag_dir / "base.json"
     base = json.loads(base_file.read_text()) if base_file.exists() else None
     runs: dict[str, list[dict]] = {}
     records = [json.loads(f.read_text()) for f in tag_dir.glob("*-lr*-s*.json")]
     for r in sorted(records, key=lambda r: (METHODS.index(r["method"]), r.get("variant", ""), r["lr"], r["seed"])):
         runs.setdefault(run_key(r["method"], r.get("variant", ""), r["lr"]), []).append(r)
+    return base, runs
+
+
+def _seed_mean_arrays(rs: list[dict], k: int) -> dict[str, np.ndarray]:
+    """Per-question greedy / avg@k / maj@k of a run key, averaged over its seeds (question order kept)."""
+    arrays = [per_question(r, k) for r in rs]
+    return {m: np.mean([a[m] for a in arrays], axis=0) for m in ("greedy", "avg", "maj")}
+
+
+def _comparisons(pq: dict[str, dict[str, np.ndarray]], method_of: dict[str, str]) -> dict:
+    """Paired bootstraps: every SPINE run key (v1, then v2) against every TTRL key and the base,
+    and TTRL against the base. ``pq`` maps run keys (and optionally "base") to per-question arrays."""
+    comparisons = {}
+    has_base = "base" in pq
+    spine_keys = [m for m in method_of if method_of[m] == "spine"] + [m for m in method_of if method_of[m] == "spine-v2"]
+    ttrl_keys = [m for m in method_of if method_of[m] == "ttrl"]
+    for s in spine_keys:
+        for other in ttrl_keys + (["base"] if has_base else []):
+            comparisons[f"{s} - {other}"] = {m: paired_bootstrap(pq[s][m], pq[other][m]) for m in ("greedy", "avg")}
+    if has_base:  # TTRL's own gain, for reference
+        for t in ttrl_keys:
+            comparisons[f"{t} - base"] = {m: paired_bootstrap(pq[t][m], pq["base"][m]) for m in ("greedy", "avg")}
+    return comparisons
+
+
+def summarize(tag_dir: Path, k: int) -> dict:
+    base, runs = _load_block(tag_dir)
     out: dict = {"tag": tag_dir.name, "k": k, "methods": {}}
     if base:
         out["base"] = {m: base["eval"].get(m) for m in
@@ -173,22 +204,105 @@ def summarize(tag_dir: Path, k: int) -> dict:
                "entropy_forking_mean": _nanmean([_step_mean(s, "entropy/forking_mean", "mean") for s in steps]),
                "entropy_other_mean": _nanmean([_step_mean(s, "entropy/other_mean", "mean") for s in steps])}
         out["methods"][key] = row
-        arrays = [per_question(r, k) for r in rs]
-        pq[key] = {m: np.mean([a[m] for a in arrays], axis=0) for m in ("greedy", "avg", "maj")}
+        pq[key] = _seed_mean_arrays(rs, k)
     if base:
         pq["base"] = per_question(base, k)
-    comparisons = {}
-    method_of = {key: rs[0]["method"] for key, rs in runs.items()}
-    spine_keys = [m for m in runs if method_of[m] == "spine"] + [m for m in runs if method_of[m] == "spine-v2"]
-    ttrl_keys = [m for m in runs if method_of[m] == "ttrl"]
-    for s in spine_keys:
-        for other in ttrl_keys + (["base"] if base else []):
-            comparisons[f"{s} - {other}"] = {m: paired_bootstrap(pq[s][m], pq[other][m]) for m in ("greedy", "avg")}
-    if base:  # TTRL's own gain, for reference
-        for t in ttrl_keys:
-            comparisons[f"{t} - base"] = {m: paired_bootstrap(pq[t][m], pq["base"][m]) for m in ("greedy", "avg")}
-    out["paired_bootstrap"] = comparisons
+    out["paired_bootstrap"] = _comparisons(pq, {key: rs[0]["method"] for key, rs in runs.items()})
     return out
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
+    """Pool blocks of questions run with the same protocol (e.g. adapt on 16 questions, evaluate them).
+
+    Each block is one tag: its own questions, base evaluation and adaptation runs. A run key
+    (method, variant, lr) is pooled only if every block has it, with the same seeds; its
+    per-question values (seeds averaged within the block) are concatenated over blocks, so the
+    means, standard errors and paired bootstraps are over all pooled questions. The base is pooled
+    only if every block has one. Other evaluation numbers (majority share, lengths, format rates)
+    are question-weighted means of the blocks' seed means.
+    """
+    if not tag_dirs:
+        raise ValueError("no blocks to pool")
+    blocks = []
+    for d in tag_dirs:
+        if not d.is_dir():
+            raise SystemExit(f"--pool: no such experiment {d}")
+        blocks.append((d.name, *_load_block(d)))
+    out: dict = {"tag": name, "k": k, "pooled": [b[0] for b in blocks], "methods": {}, "left_out": {}}
+    pq: dict[str, dict[str, np.ndarray]] = {}
+    method_of: dict[str, str] = {}
+    extra = ("majority_ratio", "greedy_boxed_rate", "sample_boxed_rate", "greedy_length", "sample_length")
+
+    def pooled_row(per_block: list[tuple[list[dict], dict[str, np.ndarray]]]) -> dict:
+        arrays = {m: np.concatenate([a[m] for _, a in per_block]) for m in ("greedy", "avg", "maj")}
+        n = [len(a["greedy"]) for _, a in per_block]
+        row = {"questions": int(sum(n))}
+        for m, label in (("greedy", "greedy_pass@1"), ("avg", f"avg@{k}"), ("maj", f"maj@{k}")):
+            row[label], row[f"{label}_se"] = _mean_se(arrays[m])
+        for m in extra:
+            vals = [np.mean([r["eval"].get(m, float("nan")) for r in rs]) for rs, _ in per_block]
+            row[m] = float(np.average(vals, weights=n))
+        return row, arrays
+
+    if all(b[1] is not None for b in blocks):
+        row, pq["base"] = pooled_row([([base], per_question(base, k)) for _, base, _ in blocks])
+        out["base"] = row
+    for key, rs0 in blocks[0][2].items():
+        seeds = [r["seed"] for r in rs0]
+        missing = [b[0] for b in blocks if [r["seed"] for r in b[2].get(key, [])] != seeds]
+        if missing:
+            out["left_out"][key] = f"seeds {seeds} not finished in {missing}"
+            continue
+        per_block = [(b[2][key], _seed_mean_arrays(b[2][key], k)) for b in blocks]
+        row, pq[key] = pooled_row(per_block)
+        steps = [r["steps"] for rs, _ in per_block for r in rs]
+        row.update(seeds=seeds,
+                   pseudo_label_accuracy=_nanmean([_step_mean(s, "vote/label_accuracy", "mean") for s in steps]),
+                   length_first=_nanmean([_step_mean(s, "completion/length_mean", "first") for s in steps]),
+                   length_last=_nanmean([_step_mean(s, "completion/length_mean", "last") for s in steps]))
+        out["methods"][key] = row
+        method_of[key] = rs0[0]["method"]
+    out["paired_bootstrap"] = _comparisons(pq, method_of)
+    return out
+
+
+def _comparison_lines(comparisons: dict) -> list[str]:
+    if not comparisons:
+        return []
+    lines = ["", "| comparison | greedy pass@1 diff [95 % CI] | avg@k diff [95 % CI] |", "|---|---|---|"]
+    for name, c in comparisons.items():
+        g, a = c["greedy"], c["avg"]
+        lines.append(f"| {name} | {g['diff']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] | "
+                     f"{a['diff']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}] |")
+    return lines
+
+
+def write_pool_markdown(summary: dict, path: Path) -> None:
+    k = summary["k"]
+    lines = [f"### {summary['tag']} (pooled: {', '.join(summary['pooled'])})", "",
+             f"| method | questions | greedy pass@1 | avg@{k} | maj@{k} | majority share | boxed greedy / sampled | "
+             "eval length greedy / sampled | pseudo-label acc | length first→last |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def evaluation(e: dict) -> str:
+        return (f"{e['questions']} | {_fmt(e['greedy_pass@1'])}±{_fmt(e['greedy_pass@1_se'])} | "
+                f"{_fmt(e[f'avg@{k}'])}±{_fmt(e[f'avg@{k}_se'])} | {_fmt(e[f'maj@{k}'])}±{_fmt(e[f'maj@{k}_se'])} | "
+                f"{_fmt(e['majority_ratio'])} | {_fmt(e['greedy_boxed_rate'], '.2f')} / {_fmt(e['sample_boxed_rate'], '.2f')} | "
+                f"{_fmt(e['greedy_length'], '.0f')} / {_fmt(e['sample_length'], '.0f')}")
+
+    if "base" in summary:
+        lines.append(f"| base | {evaluation(summary['base'])} | | |")
+    for name, r in summary["methods"].items():
+        lines.append(f"| {name} (seeds {r['seeds']}) | {evaluation(r)} | {_fmt(r['pseudo_label_accuracy'])} | "
+                     f"{_fmt(r['length_first'], '.0f')}→{_fmt(r['length_last'], '.0f')} |")
+    lines += _comparison_lines(summary["paired_bootstrap"])
+    for key, why in summary["left_out"].items():
+        lines.append(f"\nleft out: {key} ({why})")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -218,12 +332,7 @@ def write_markdown(summary: dict, path: Path) -> None:
                      f"{_fmt(r['length_first'], '.0f')}→{_fmt(r['length_last'], '.0f')} | "
                      f"{_fmt(r['entropy_forking_mean'], '.2f')} / {_fmt(r['entropy_other_mean'], '.2f')} | "
                      f"{_fmt(r['wall_s'], '.0f')} |")
-    if summary["paired_bootstrap"]:
-        lines += ["", "| comparison | greedy pass@1 diff [95 % CI] | avg@k diff [95 % CI] |", "|---|---|---|"]
-        for name, c in summary["paired_bootstrap"].items():
-            g, a = c["greedy"], c["avg"]
-            lines.append(f"| {name} | {g['diff']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}] | "
-                         f"{a['diff']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}] |")
+    lines += _comparison_lines(summary["paired_bootstrap"])
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -294,7 +403,7 @@ def parse_lrs(values: list[str], methods: list[str]) -> dict[str, list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tag", required=True, help="experiment name (directory under bench/results/quality)")
-    ap.add_argument("--data", required=True, help="questions, e.g. arith:2:256:7")
+    ap.add_argument("--data", help="questions, e.g. arith:2:256:7 (needed to run, not for --report-only or --pool)")
     ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -316,12 +425,24 @@ def main() -> None:
                     help="extra config settings for every trained method (an ablation); needs --variant")
     ap.add_argument("--variant", default="", help="name of the --set variant, part of the run names (spine+NAME-lr...)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild summary files")
+    ap.add_argument("--pool", nargs="+", default=[], metavar="TAG",
+                    help="pool finished blocks (tags run with the same protocol on disjoint questions) into "
+                         "--tag's summary.json / summary.md; runs nothing")
     args = ap.parse_args()
     if bool(args.set) != bool(args.variant):
         ap.error("--set and --variant go together: a variant must be named so its runs are not mixed with the preset's")
     parse_sets(args.set)  # fail on a malformed setting before any run starts
 
     tag_dir = ROOT / args.tag
+    if args.pool:
+        summary = summarize_pool([ROOT / t for t in args.pool], args.k, args.tag)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(tag_dir / "summary.json", summary)
+        write_pool_markdown(summary, tag_dir / "summary.md")
+        print((tag_dir / "summary.md").read_text())
+        return
+    if not args.report_only and not args.data:
+        ap.error("--data is needed to run (only --report-only and --pool work without it)")
     tag_dir.mkdir(parents=True, exist_ok=True)
     lrs = parse_lrs(args.lrs, [m for m in args.methods if m != "none"])
     if not args.report_only:

@@ -126,3 +126,39 @@ def test_a_variant_is_summarised_and_compared_on_its_own(tmp_path):
     c = s["paired_bootstrap"]
     assert c["spine+noband-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.5)
     assert c["spine-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.25)
+
+
+def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tmp_path):
+    import json
+
+    a, b = tmp_path / "block-a", tmp_path / "block-b"
+    a.mkdir(), b.mkdir()
+    steps = [{"step": 1, "completion/length_mean": 100.0, "vote/label_accuracy": 0.5}]
+    (a / "base.json").write_text(json.dumps(_run_record("none", 0, [0, 1], [0, 1], [])))
+    (b / "base.json").write_text(json.dumps(_run_record("none", 0, [0, 0, 0], [0, 0, 2], [])))
+    (a / "ttrl-lr0.0001-s0.json").write_text(json.dumps(_run_record("ttrl", 0, [1, 1], [2, 1], steps)))
+    (b / "ttrl-lr0.0001-s0.json").write_text(json.dumps(_run_record("ttrl", 0, [0, 1, 0], [0, 2, 2], steps)))
+    (a / "spine-lr0.0001-s0.json").write_text(json.dumps(_run_record("spine", 0, [1, 1], [2, 2], steps)))
+    (a / "spine-lr0.0001-s1.json").write_text(json.dumps(_run_record("spine", 1, [1, 0], [2, 0], steps)))
+    (b / "spine-lr0.0001-s0.json").write_text(json.dumps(_run_record("spine", 0, [1, 1, 1], [2, 2, 2], steps)))
+    (b / "spine-lr0.0001-s1.json").write_text(json.dumps(_run_record("spine", 1, [0, 1, 1], [0, 2, 2], steps)))
+    (a / "spine-v2-lr0.0001-s0.json").write_text(json.dumps(_run_record("spine-v2", 0, [1, 1], [2, 2], steps)))
+    s = quality.summarize_pool([a, b], k=2, name="pooled")
+    assert s["base"]["questions"] == 5 and s["base"]["greedy_pass@1"] == pytest.approx(1 / 5)
+    # base avg@2 per question: [0, .5] + [0, 0, 1] -> mean .3
+    assert s["base"]["avg@2"] == pytest.approx(0.3)
+    assert s["base"]["greedy_pass@1_se"] == pytest.approx(np.std([0, 1, 0, 0, 0], ddof=1) / np.sqrt(5))
+    spine = s["methods"]["spine-lr0.0001"]
+    # seeds averaged per block first: greedy [1, .5] + [.5, 1, 1] -> mean 4/5
+    assert spine["questions"] == 5 and spine["seeds"] == [0, 1] and spine["greedy_pass@1"] == pytest.approx(0.8)
+    assert "spine-v2-lr0.0001" not in s["methods"] and "block-b" in s["left_out"]["spine-v2-lr0.0001"]
+    c = s["paired_bootstrap"]
+    # spine - ttrl greedy per question: [0, -.5] + [.5, 0, 1] -> mean 1/5
+    assert c["spine-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.2)
+    # ttrl - base avg@2: [1, .5] - [0, .5] ; [0, 1, 1] - [0, 0, 1] -> [1, 0, 0, 1, 0] mean .4
+    assert c["ttrl-lr0.0001 - base"]["avg"]["diff"] == pytest.approx(0.4)
+    quality.write_pool_markdown(s, tmp_path / "pooled.md")
+    md = (tmp_path / "pooled.md").read_text()
+    assert "| spine-lr0.0001 (seeds [0, 1]) | 5 | 0.800" in md and "left out: spine-v2-lr0.0001" in md
+    with pytest.raises(SystemExit):
+        quality.summarize_pool([a, tmp_path / "missing"], k=2, name="x")
