@@ -41,6 +41,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,6 +138,11 @@ def _plain_cache(cache) -> bool:
     return all(type(layer) is DynamicLayer for layer in layers)
 
 
+# Models found to return a cache that cannot be extended (sliding windows): decided at the first
+# shared-prompt attempt, so later micro-batches do not run (and discard) their prompts again.
+_NO_PROMPT_SHARING: "weakref.WeakSet" = weakref.WeakSet()
+
+
 def score_completions(model, batch, rows, *, temperature: float, chunk_size: int, share_prompts: bool = True,
                       stats: dict | None = None):
     """Log-probs and entropies (B_mb, T) of the completion tokens of ``rows`` of ``batch``.
@@ -150,7 +156,8 @@ def score_completions(model, batch, rows, *, temperature: float, chunk_size: int
     top of it. Same log-probs, entropies and gradients as the plain (B_mb, P + T) pass up to
     float rounding, with ``(G - 1) / G`` of the prompt tokens' forward and backward saved.
     ``share_prompts=False`` forces the plain pass; so does a model whose cache is not a plain
-    full-attention ``DynamicCache`` (sliding windows). ``stats["positions"]``, if given, is
+    full-attention ``DynamicCache`` (sliding windows: found at the first call, remembered for the
+    model). ``stats["positions"]``, if given, is
     increased by the number of sequence positions run through the model.
     """
     input_ids, attn, pos, completion, token_mask, P = batch
@@ -161,7 +168,7 @@ def score_completions(model, batch, rows, *, temperature: float, chunk_size: int
     T = max(last, 1)
     weight, bias = output_head(model)
     h = None
-    if share_prompts:
+    if share_prompts and model not in _NO_PROMPT_SHARING:
         keep, inverse = shared_rows(input_ids[rows, first:P], a[:, first:P])
         if keep.numel() < len(rows):
             u = [rows[i] for i in keep.tolist()]
@@ -175,6 +182,8 @@ def score_completions(model, batch, rows, *, temperature: float, chunk_size: int
                                                 pos[rows, P:P + T - 1], past_key_values=cache))
                 h = torch.cat(parts, dim=1)
                 positions = len(u) * (P - first) + len(rows) * (T - 1)
+            else:
+                _NO_PROMPT_SHARING.add(model)
     if h is None:
         sl = slice(first, P + T)
         hidden = forward_hidden(model, input_ids[rows, sl], a[:, sl].long(), pos[rows, sl])

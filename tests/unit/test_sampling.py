@@ -577,3 +577,30 @@ def test_shared_prefill_draws_the_same_samples_as_one_prefill_per_row(model, mon
     plain = sample(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
     assert torch.equal(shared.completion_ids, plain.completion_ids)
     torch.testing.assert_close(shared.entropies, plain.entropies, atol=1e-5, rtol=1e-5)
+
+
+def test_a_sliding_window_model_falls_back_to_the_plain_pass_once_decided(monkeypatch):
+    """A sliding-window cache cannot be extended by the completions: the scores equal the plain
+    pass, and the prompt-only forward is tried at the first micro-batch only."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import spine_ttrl.loop as loop_mod
+    from spine_ttrl.loop import build_training_batch, score_completions
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, sliding_window=3,
+                                             max_position_embeddings=64))
+    prompts = [PROMPTS[2]] * 3 + [PROMPTS[0]] * 3
+    batch = build_training_batch(prompts, [[7, 8, 9, 10, 11]] * 6, PAD)
+    calls = []
+    real = loop_mod.forward_hidden
+    monkeypatch.setattr(loop_mod, "forward_hidden", lambda *a, **kw: calls.append(kw.get("return_cache", False)) or real(*a, **kw))
+    with torch.no_grad():
+        shared = [score_completions(model, batch, rows, temperature=1.0, chunk_size=4) for rows in ([0, 1, 2], [3, 4, 5])]
+        plain = [score_completions(model, batch, rows, temperature=1.0, chunk_size=4, share_prompts=False)
+                 for rows in ([0, 1, 2], [3, 4, 5])]
+    assert calls.count(True) == 1  # the cache was inspected once, then the model was remembered
+    for a, b in zip(shared, plain):
+        torch.testing.assert_close(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1])
