@@ -235,7 +235,7 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
     out: dict = {"tag": name, "k": k, "pooled": [b[0] for b in blocks], "methods": {}, "left_out": {}}
     pq: dict[str, dict[str, np.ndarray]] = {}
     method_of: dict[str, str] = {}
-    extra = ("majority_ratio", "greedy_boxed_rate", "sample_boxed_rate", "greedy_length", "sample_length")
+    extra = (f"pass@{k}", "majority_ratio", "greedy_boxed_rate", "sample_boxed_rate", "greedy_length", "sample_length")
 
     def pooled_row(per_block: list[tuple[list[dict], dict[str, np.ndarray]]]) -> dict:
         arrays = {m: np.concatenate([a[m] for _, a in per_block]) for m in ("greedy", "avg", "maj")}
@@ -270,6 +270,19 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
     return out
 
 
+def _eval_cells(e: dict, k: int) -> str:
+    """The evaluation columns of a summary row: greedy pass@1, avg@k, maj@k (± standard errors),
+    pass@k, majority share, boxed rates and lengths of greedy / sampled answers."""
+    def with_se(m: str) -> str:
+        se = e.get(f"{m}_se")
+        return _fmt(e.get(m)) + ("" if se is None else f"±{_fmt(se)}")
+
+    return (f"{with_se('greedy_pass@1')} | {with_se(f'avg@{k}')} | {with_se(f'maj@{k}')} | "
+            f"{_fmt(e.get(f'pass@{k}'))} | {_fmt(e.get('majority_ratio'))} | "
+            f"{_fmt(e.get('greedy_boxed_rate'), '.2f')} / {_fmt(e.get('sample_boxed_rate'), '.2f')} | "
+            f"{_fmt(e.get('greedy_length'), '.0f')} / {_fmt(e.get('sample_length'), '.0f')}")
+
+
 def _comparison_lines(comparisons: dict) -> list[str]:
     if not comparisons:
         return []
@@ -284,21 +297,15 @@ def _comparison_lines(comparisons: dict) -> list[str]:
 def write_pool_markdown(summary: dict, path: Path) -> None:
     k = summary["k"]
     lines = [f"### {summary['tag']} (pooled: {', '.join(summary['pooled'])})", "",
-             f"| method | questions | greedy pass@1 | avg@{k} | maj@{k} | majority share | boxed greedy / sampled | "
-             "eval length greedy / sampled | pseudo-label acc | length first→last |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-
-    def evaluation(e: dict) -> str:
-        return (f"{e['questions']} | {_fmt(e['greedy_pass@1'])}±{_fmt(e['greedy_pass@1_se'])} | "
-                f"{_fmt(e[f'avg@{k}'])}±{_fmt(e[f'avg@{k}_se'])} | {_fmt(e[f'maj@{k}'])}±{_fmt(e[f'maj@{k}_se'])} | "
-                f"{_fmt(e['majority_ratio'])} | {_fmt(e['greedy_boxed_rate'], '.2f')} / {_fmt(e['sample_boxed_rate'], '.2f')} | "
-                f"{_fmt(e['greedy_length'], '.0f')} / {_fmt(e['sample_length'], '.0f')}")
+             f"| method | questions | greedy pass@1 | avg@{k} | maj@{k} | pass@{k} | majority share | "
+             "boxed greedy / sampled | eval length greedy / sampled | pseudo-label acc | length first→last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     if "base" in summary:
-        lines.append(f"| base | {evaluation(summary['base'])} | | |")
+        lines.append(f"| base | {summary['base']['questions']} | {_eval_cells(summary['base'], k)} | | |")
     for name, r in summary["methods"].items():
-        lines.append(f"| {name} (seeds {r['seeds']}) | {evaluation(r)} | {_fmt(r['pseudo_label_accuracy'])} | "
-                     f"{_fmt(r['length_first'], '.0f')}→{_fmt(r['length_last'], '.0f')} |")
+        lines.append(f"| {name} (seeds {r['seeds']}) | {r['questions']} | {_eval_cells(r, k)} | "
+                     f"{_fmt(r['pseudo_label_accuracy'])} | {_fmt(r['length_first'], '.0f')}→{_fmt(r['length_last'], '.0f')} |")
     lines += _comparison_lines(summary["paired_bootstrap"])
     for key, why in summary["left_out"].items():
         lines.append(f"\nleft out: {key} ({why})")
@@ -317,17 +324,10 @@ def write_markdown(summary: dict, path: Path) -> None:
              "H fork / other | train+eval s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def evaluation(e: dict) -> str:
-        return (f"{_fmt(e.get('greedy_pass@1'))}±{_fmt(e.get('greedy_pass@1_se'))} | "
-                f"{_fmt(e.get(f'avg@{k}'))}±{_fmt(e.get(f'avg@{k}_se'))} | {_fmt(e.get(f'maj@{k}'))} | "
-                f"{_fmt(e.get(f'pass@{k}'))} | {_fmt(e.get('majority_ratio'))} | "
-                f"{_fmt(e.get('greedy_boxed_rate'), '.2f')} / {_fmt(e.get('sample_boxed_rate'), '.2f')} | "
-                f"{_fmt(e.get('greedy_length'), '.0f')} / {_fmt(e.get('sample_length'), '.0f')}")
-
     if "base" in summary:
-        lines.append(f"| base | {evaluation(summary['base'])} | | | | | |")
+        lines.append(f"| base | {_eval_cells(summary['base'], k)} | | | | | |")
     for name, r in summary["methods"].items():
-        lines.append(f"| {name} (seeds {r['seeds']}) | {evaluation(r['eval'])} | {_fmt(r['pseudo_label_accuracy'])} | "
+        lines.append(f"| {name} (seeds {r['seeds']}) | {_eval_cells(r['eval'], k)} | {_fmt(r['pseudo_label_accuracy'])} | "
                      f"{_fmt(r['sample_accuracy_first'])}→{_fmt(r['sample_accuracy_last'])} | "
                      f"{_fmt(r['length_first'], '.0f')}→{_fmt(r['length_last'], '.0f')} | "
                      f"{_fmt(r['entropy_forking_mean'], '.2f')} / {_fmt(r['entropy_other_mean'], '.2f')} | "
