@@ -255,7 +255,7 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
         seeds = [r["seed"] for r in rs0]
         missing = [b[0] for b in blocks if [r["seed"] for r in b[2].get(key, [])] != seeds]
         if missing:
-            out["left_out"][key] = f"seeds {seeds} not finished in {missing}"
+            out["left_out"][key] = f"no finished runs with seeds {seeds} in {missing}"
             continue
         per_block = [(b[2][key], _seed_mean_arrays(b[2][key], k)) for b in blocks]
         row, pq[key] = pooled_row(per_block)
