@@ -67,7 +67,7 @@ from .prompting import encode_examples
 from .report import collapse_warnings, read_jsonl, write_report
 from .rewards import majority_rewards
 from .sampling import autocast_context as _autocast
-from .sampling import cache_frozen_casts, sample, select_cache_rows, shared_rows
+from .sampling import sample, select_cache_rows, shared_rows
 from .tokens import logprobs_and_entropy, otsu_mask, top_entropy_mask
 
 
@@ -236,7 +236,7 @@ def score_batch(model, batch, micro_batch_size: int, *, temperature: float, chun
     token_mask = batch[4]
     B, T = token_mask.shape
     logp, ent = torch.zeros(B, T), torch.zeros(B, T)
-    with torch.no_grad(), _autocast(amp, model), cache_frozen_casts(model, amp):
+    with torch.no_grad(), _autocast(amp, model):
         for rows in micro_batches(B, micro_batch_size):
             lp, en, t = score_completions(model, batch, rows, temperature=temperature, chunk_size=chunk_size)
             logp[rows, :t] = lp.float()

@@ -188,22 +188,31 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
+@contextlib.contextmanager
 def autocast_context(dtype: torch.dtype | None, model=None, enabled: bool = True):
     """Autocast to ``dtype`` on the model's device type (a null context if ``dtype`` is None).
 
-    Shared by sampling and the update. ``enabled=False`` inside an enabled context switches
-    autocast off while keeping its cast cache (the cache lives until the outermost autocast
-    context exits).
+    Shared by sampling, scoring and the update. Entered under ``no_grad`` with a model, it also
+    lets autocast cache the low-precision copies of the model's frozen weights
+    (:func:`cache_frozen_casts`; a no-op in grad mode, so the update is unaffected).
+    ``enabled=False`` inside an enabled context switches autocast off while keeping its cast
+    cache (the cache lives until the outermost autocast context exits).
     """
     if dtype is None:
-        return contextlib.nullcontext()
+        yield
+        return
     device_type = _device_of(model).type if model is not None else "cpu"
-    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        if enabled and model is not None:
+            with cache_frozen_casts(model, dtype):
+                yield
+        else:
+            yield
 
 
 @contextlib.contextmanager
 def cache_frozen_casts(model, dtype: torch.dtype | None):
-    """Let autocast keep one low-precision copy of each frozen weight (use under ``no_grad``).
+    """Let autocast keep one low-precision copy of each frozen weight (use under ``no_grad``; entered by :func:`autocast_context`).
 
     Autocast caches the cast of a weight only if the weight is a leaf that requires grad; a
     frozen fp32 weight (the base model under LoRA) is cast again at every forward, i.e. at every
@@ -387,7 +396,7 @@ def sample(
     try:
         # no_grad, not inference_mode: under inference_mode autocast re-casts every weight at
         # every decoding step (its cast cache is off there); measured 2x slower decoding in bf16.
-        with torch.no_grad(), autocast, cache_frozen_casts(model, autocast_dtype):
+        with torch.no_grad(), autocast:
             for start in range(0, B, chunk):
                 stop = min(start + chunk, B)
                 # Left-padded, so the chunk's prompts sit in its last `width` columns.

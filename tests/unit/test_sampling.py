@@ -492,6 +492,21 @@ def test_autocast_context_follows_dtype_and_device():
             assert lin(torch.ones(1, 2)).dtype == torch.float32
 
 
+def test_autocast_context_caches_frozen_casts_only_under_no_grad():
+    from spine_ttrl.sampling import autocast_context
+
+    lin = torch.nn.Linear(2, 2).requires_grad_(False)
+    with torch.no_grad(), autocast_context(torch.bfloat16, lin):
+        assert lin.weight.requires_grad  # the flag that switches autocast's cast cache on
+        with autocast_context(torch.bfloat16, lin, enabled=False):
+            assert lin(torch.ones(1, 2)).dtype == torch.float32
+    assert not lin.weight.requires_grad
+    with autocast_context(torch.bfloat16, lin):  # grad mode: autograd must not train frozen weights
+        assert not lin.weight.requires_grad
+    with torch.no_grad(), autocast_context(None, lin):
+        assert not lin.weight.requires_grad
+
+
 # --------------------------------------------------------------------------------------------
 # Shared-prompt scoring: each distinct prompt runs once, the KV cache is expanded to its rows
 # --------------------------------------------------------------------------------------------
