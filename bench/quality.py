@@ -11,7 +11,8 @@ Layout, under ``bench/results/quality/<tag>/`` (``--tag`` names one experiment):
   interrupted run resumes from its last step);
 - ``<method>-lr<lr>-s<seed>.json``: the finished run (evaluation metrics and records, per-step
   metrics, wall time). A run whose JSON exists is skipped: re-running the command resumes a sweep;
-- ``summary.json``, ``summary.md``, ``curves.png``: written by every invocation from the files present.
+- ``summary.json``, ``summary.md``, ``curves.png``: written by every invocation from the files present
+  (for ``--pool``: the pooled numbers, and each step's metrics averaged over the blocks and seeds).
 
 Examples::
 
@@ -183,6 +184,26 @@ def _comparisons(pq: dict[str, dict[str, np.ndarray]], method_of: dict[str, str]
     return comparisons
 
 
+def _train_stats(rs: list[dict]) -> dict[str, float]:
+    """Training-curve numbers of a set of runs (seeds, or blocks x seeds), each the mean over the runs:
+    pseudo-label accuracy (mean over steps), rollout accuracy and completion length at the first and
+    last step, entropy of the selected (forking) and the other tokens (mean over steps), and the
+    training + evaluation seconds of one run."""
+    steps = [r["steps"] for r in rs]
+
+    def over_runs(key: str, which: str) -> float:
+        return _nanmean([_step_mean(s, key, which) for s in steps])
+
+    return {"wall_s": float(np.mean([_compute_s(r) for r in rs])),
+            "pseudo_label_accuracy": over_runs("vote/label_accuracy", "mean"),
+            "sample_accuracy_first": over_runs("vote/sample_accuracy", "first"),
+            "sample_accuracy_last": over_runs("vote/sample_accuracy", "last"),
+            "length_first": over_runs("completion/length_mean", "first"),
+            "length_last": over_runs("completion/length_mean", "last"),
+            "entropy_forking_mean": over_runs("entropy/forking_mean", "mean"),
+            "entropy_other_mean": over_runs("entropy/other_mean", "mean")}
+
+
 def summarize(tag_dir: Path, k: int) -> dict:
     base, runs = _load_block(tag_dir)
     out: dict = {"tag": tag_dir.name, "k": k, "methods": {}}
@@ -194,15 +215,7 @@ def summarize(tag_dir: Path, k: int) -> dict:
     pq: dict[str, dict[str, np.ndarray]] = {}
     for key, rs in runs.items():
         ev = {m: float(np.mean([r["eval"].get(m, float("nan")) for r in rs])) for m in rs[0]["eval"]}
-        steps = [r["steps"] for r in rs]
-        row = {"seeds": [r["seed"] for r in rs], "eval": ev, "wall_s": float(np.mean([_compute_s(r) for r in rs])),
-               "pseudo_label_accuracy": _nanmean([_step_mean(s, "vote/label_accuracy", "mean") for s in steps]),
-               "sample_accuracy_first": _nanmean([_step_mean(s, "vote/sample_accuracy", "first") for s in steps]),
-               "sample_accuracy_last": _nanmean([_step_mean(s, "vote/sample_accuracy", "last") for s in steps]),
-               "length_first": _nanmean([_step_mean(s, "completion/length_mean", "first") for s in steps]),
-               "length_last": _nanmean([_step_mean(s, "completion/length_mean", "last") for s in steps]),
-               "entropy_forking_mean": _nanmean([_step_mean(s, "entropy/forking_mean", "mean") for s in steps]),
-               "entropy_other_mean": _nanmean([_step_mean(s, "entropy/other_mean", "mean") for s in steps])}
+        row = {"seeds": [r["seed"] for r in rs], "eval": ev, **_train_stats(rs)}
         out["methods"][key] = row
         pq[key] = _seed_mean_arrays(rs, k)
     if base:
@@ -255,15 +268,11 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
         seeds = [r["seed"] for r in rs0]
         missing = [b[0] for b in blocks if [r["seed"] for r in b[2].get(key, [])] != seeds]
         if missing:
-            out["left_out"][key] = f"no finished runs with seeds {seeds} in {missing}"
+            out["left_out"][key] = f"seeds {seeds} not finished in {', '.join(missing)}"
             continue
         per_block = [(b[2][key], _seed_mean_arrays(b[2][key], k)) for b in blocks]
         row, pq[key] = pooled_row(per_block)
-        steps = [r["steps"] for rs, _ in per_block for r in rs]
-        row.update(seeds=seeds,
-                   pseudo_label_accuracy=_nanmean([_step_mean(s, "vote/label_accuracy", "mean") for s in steps]),
-                   length_first=_nanmean([_step_mean(s, "completion/length_mean", "first") for s in steps]),
-                   length_last=_nanmean([_step_mean(s, "completion/length_mean", "last") for s in steps]))
+        row.update(seeds=seeds, **_train_stats([r for rs, _ in per_block for r in rs]))
         out["methods"][key] = row
         method_of[key] = rs0[0]["method"]
     out["paired_bootstrap"] = _comparisons(pq, method_of)
@@ -294,21 +303,38 @@ def _comparison_lines(comparisons: dict) -> list[str]:
     return lines
 
 
+_TRAIN_HEADER = "pseudo-label acc | rollout acc first→last | length first→last | H fork / other | train+eval s"
+
+
+def _train_cells(r: dict) -> str:
+    """The training columns of a summary row (see :func:`_train_stats`)."""
+    return (f"{_fmt(r['pseudo_label_accuracy'])} | "
+            f"{_fmt(r['sample_accuracy_first'])}→{_fmt(r['sample_accuracy_last'])} | "
+            f"{_fmt(r['length_first'], '.0f')}→{_fmt(r['length_last'], '.0f')} | "
+            f"{_fmt(r['entropy_forking_mean'], '.2f')} / {_fmt(r['entropy_other_mean'], '.2f')} | "
+            f"{_fmt(r['wall_s'], '.0f')}")
+
+
+def _table_header(k: int, first: str) -> list[str]:
+    cols = [first, f"greedy pass@1 | avg@{k} | maj@{k} | pass@{k} | majority share | boxed greedy / sampled | "
+            f"eval length greedy / sampled | {_TRAIN_HEADER}"]
+    n = sum(c.count("|") + 1 for c in cols)
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * n]
+
+
 def write_pool_markdown(summary: dict, path: Path) -> None:
     k = summary["k"]
     lines = [f"### {summary['tag']} (pooled: {', '.join(summary['pooled'])})", "",
-             f"| method | questions | greedy pass@1 | avg@{k} | maj@{k} | pass@{k} | majority share | "
-             "boxed greedy / sampled | eval length greedy / sampled | pseudo-label acc | length first→last |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-
+             *_table_header(k, "method | questions")]
+    blank = " |" * (_TRAIN_HEADER.count("|") + 1)
     if "base" in summary:
-        lines.append(f"| base | {summary['base']['questions']} | {_eval_cells(summary['base'], k)} | | |")
+        lines.append(f"| base | {summary['base']['questions']} | {_eval_cells(summary['base'], k)} |{blank}")
     for name, r in summary["methods"].items():
-        lines.append(f"| {name} (seeds {r['seeds']}) | {r['questions']} | {_eval_cells(r, k)} | "
-                     f"{_fmt(r['pseudo_label_accuracy'])} | {_fmt(r['length_first'], '.0f')}→{_fmt(r['length_last'], '.0f')} |")
+        lines.append(f"| {name} (seeds {r['seeds']}) | {r['questions']} | {_eval_cells(r, k)} | {_train_cells(r)} |")
     lines += _comparison_lines(summary["paired_bootstrap"])
-    for key, why in summary["left_out"].items():
-        lines.append(f"\nleft out: {key} ({why})")
+    if summary["left_out"]:
+        lines += ["", "Left out (pooled only if finished in every block with the same seeds): "
+                  + "; ".join(f"{key} ({why})" for key, why in summary["left_out"].items()) + "."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -318,32 +344,41 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def write_markdown(summary: dict, path: Path) -> None:
     k = summary["k"]
-    lines = [f"### {summary['tag']}", "",
-             f"| method | greedy pass@1 | avg@{k} | maj@{k} | pass@{k} | majority share | boxed greedy / sampled | "
-             "eval length greedy / sampled | pseudo-label acc | rollout acc first→last | length first→last | "
-             "H fork / other | train+eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
+    lines = [f"### {summary['tag']}", "", *_table_header(k, "method")]
+    blank = " |" * (_TRAIN_HEADER.count("|") + 1)
     if "base" in summary:
-        lines.append(f"| base | {_eval_cells(summary['base'], k)} | | | | | |")
+        lines.append(f"| base | {_eval_cells(summary['base'], k)} |{blank}")
     for name, r in summary["methods"].items():
-        lines.append(f"| {name} (seeds {r['seeds']}) | {_eval_cells(r['eval'], k)} | {_fmt(r['pseudo_label_accuracy'])} | "
-                     f"{_fmt(r['sample_accuracy_first'])}→{_fmt(r['sample_accuracy_last'])} | "
-                     f"{_fmt(r['length_first'], '.0f')}→{_fmt(r['length_last'], '.0f')} | "
-                     f"{_fmt(r['entropy_forking_mean'], '.2f')} / {_fmt(r['entropy_other_mean'], '.2f')} | "
-                     f"{_fmt(r['wall_s'], '.0f')} |")
+        lines.append(f"| {name} (seeds {r['seeds']}) | {_eval_cells(r['eval'], k)} | {_train_cells(r)} |")
     lines += _comparison_lines(summary["paired_bootstrap"])
     path.write_text("\n".join(lines) + "\n")
 
 
 def plot_curves(tag_dir: Path) -> Path | None:
+    """``curves.png`` of one tag: the per-step metrics of every finished run (one line per run)."""
+    records = [json.loads(f.read_text()) for f in sorted(tag_dir.glob("*-lr*-s*.json"))]
+    series = {f"{run_key(r['method'], r.get('variant', ''), r['lr'])} s{r['seed']}": [r] for r in records}
+    return _plot_series(series, tag_dir / "curves.png")
+
+
+def plot_pool_curves(tag_dirs: list[Path], keys: list[str], out: Path) -> Path | None:
+    """``curves.png`` of a pool: per run key, each step's metric averaged over all blocks and seeds."""
+    series: dict[str, list[dict]] = {key: [] for key in keys}
+    for d in tag_dirs:
+        for key, rs in _load_block(d)[1].items():
+            if key in series:
+                series[key] += rs
+    return _plot_series({f"{key} (mean of {len(rs)} runs)": rs for key, rs in series.items() if rs}, out)
+
+
+def _plot_series(series: dict[str, list[dict]], out: Path) -> Path | None:
+    """One line per label: the step-wise mean over its runs of each metric (steps a run lacks are skipped)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = sorted(tag_dir.glob("*-lr*-s*.json"))
-    if not files:
+    if not series:
         return None
     panels = [("completion/length_mean", "completion length (tokens)"), ("vote/label_accuracy", "pseudo-label accuracy"),
               ("vote/sample_accuracy", "rollout accuracy vs labels (online avg@votes)"), ("reward/mean", "pseudo-reward"),
@@ -351,18 +386,24 @@ def plot_curves(tag_dir: Path) -> Path | None:
               ("entropy/forking_mean", "entropy, selected tokens (ttrl: all)"),
               ("entropy/other_mean", "entropy, unselected tokens"), ("loss/band", "band penalty")]
     fig, axes = plt.subplots(2, 4, figsize=(19, 8))
-    for f in files:
-        r = json.loads(f.read_text())
-        label = f"{run_key(r['method'], r.get('variant', ''), r['lr'])} s{r['seed']}"
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, runs) in enumerate(series.items()):
+        # one colour per label in every panel, also where an earlier label has no data
+        style = {"color": colors[i % len(colors)], "linestyle": "-" if i < len(colors) else "--"}
         for ax, (key, title) in zip(axes.flat, panels):
-            pts = [(s["step"], s[key]) for s in r["steps"] if key in s and s[key] == s[key]]
-            if pts:
-                ax.plot(*zip(*pts), marker=".", label=label)
+            by_step: dict[int, list[float]] = {}
+            for r in runs:
+                for s in r["steps"]:
+                    if key in s and s[key] == s[key]:
+                        by_step.setdefault(s["step"], []).append(s[key])
+            if by_step:
+                xs = sorted(by_step)
+                ax.plot(xs, [float(np.mean(by_step[x])) for x in xs], marker=".", label=label, **style)
             ax.set_title(title)
             ax.set_xlabel("step")
+            ax.xaxis.get_major_locator().set_params(integer=True)
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    out = tag_dir / "curves.png"
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
@@ -439,6 +480,7 @@ def main() -> None:
         tag_dir.mkdir(parents=True, exist_ok=True)
         _write_json(tag_dir / "summary.json", summary)
         write_pool_markdown(summary, tag_dir / "summary.md")
+        plot_pool_curves([ROOT / t for t in args.pool], list(summary["methods"]), tag_dir / "curves.png")
         print((tag_dir / "summary.md").read_text())
         return
     if not args.report_only and not args.data:

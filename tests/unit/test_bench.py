@@ -133,7 +133,8 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
 
     a, b = tmp_path / "block-a", tmp_path / "block-b"
     a.mkdir(), b.mkdir()
-    steps = [{"step": 1, "completion/length_mean": 100.0, "vote/label_accuracy": 0.5}]
+    steps = [{"step": 1, "completion/length_mean": 100.0, "vote/label_accuracy": 0.5, "time/step_s": 2.0},
+             {"step": 2, "completion/length_mean": 80.0, "vote/label_accuracy": 1.0, "time/step_s": 4.0}]
     (a / "base.json").write_text(json.dumps(_run_record("none", 0, [0, 1], [0, 1], [])))
     (b / "base.json").write_text(json.dumps(_run_record("none", 0, [0, 0, 0], [0, 0, 2], [])))
     (a / "ttrl-lr0.0001-s0.json").write_text(json.dumps(_run_record("ttrl", 0, [1, 1], [2, 1], steps)))
@@ -151,6 +152,9 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     spine = s["methods"]["spine-lr0.0001"]
     # seeds averaged per block first: greedy [1, .5] + [.5, 1, 1] -> mean 4/5
     assert spine["questions"] == 5 and spine["seeds"] == [0, 1] and spine["greedy_pass@1"] == pytest.approx(0.8)
+    # training numbers over all 4 runs (2 blocks x 2 seeds): steps 6 s + eval 10 s (seed 0) or 20 s (seed 1)
+    assert spine["wall_s"] == pytest.approx(21.0) and spine["pseudo_label_accuracy"] == pytest.approx(0.75)
+    assert (spine["length_first"], spine["length_last"]) == (100.0, 80.0)
     assert "spine-v2-lr0.0001" not in s["methods"] and "block-b" in s["left_out"]["spine-v2-lr0.0001"]
     c = s["paired_bootstrap"]
     # spine - ttrl greedy per question: [0, -.5] + [.5, 0, 1] -> mean 1/5
@@ -159,6 +163,13 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     assert c["ttrl-lr0.0001 - base"]["avg"]["diff"] == pytest.approx(0.4)
     quality.write_pool_markdown(s, tmp_path / "pooled.md")
     md = (tmp_path / "pooled.md").read_text()
-    assert "| spine-lr0.0001 (seeds [0, 1]) | 5 | 0.800" in md and "left out: spine-v2-lr0.0001" in md
+    assert "| spine-lr0.0001 (seeds [0, 1]) | 5 | 0.800" in md
+    assert "| 0.750 | –→– | 100→80 | – / – | 21 |" in md
+    assert "spine-v2-lr0.0001 (seeds [0] not finished in block-b)" in md
+    # the header and every row have the same number of columns
+    table = [line for line in md.splitlines() if line.startswith("| ") and "diff" not in line and " - " not in line]
+    assert len({line.count("|") for line in table}) == 1 and len(table) == 4
+    out = quality.plot_pool_curves([a, b], list(s["methods"]), tmp_path / "curves.png")
+    assert out.exists() and out.stat().st_size > 0
     with pytest.raises(SystemExit):
         quality.summarize_pool([a, tmp_path / "missing"], k=2, name="x")
