@@ -374,9 +374,8 @@ def plot_pool_curves(tag_dirs: list[Path], keys: list[str], out: Path) -> Path |
 def _plot_series(series: dict[str, list[dict]], out: Path) -> Path | None:
     """One line per label: the step-wise mean over its runs of each metric (steps a run lacks are skipped)."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     if not series:
         return None
@@ -385,8 +384,10 @@ def _plot_series(series: dict[str, list[dict]], out: Path) -> Path | None:
               ("entropy/all_mean", "entropy, all completion tokens"),
               ("entropy/forking_mean", "entropy, selected tokens (ttrl: all)"),
               ("entropy/other_mean", "entropy, unselected tokens"), ("loss/band", "band penalty")]
-    fig, axes = plt.subplots(2, 4, figsize=(19, 8))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(19, 8))  # the Agg canvas directly: no global pyplot state
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 4)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, runs) in enumerate(series.items()):
         # one colour per label in every panel, also where an earlier label has no data
         style = {"color": colors[i % len(colors)], "linestyle": "-" if i < len(colors) else "--"}
@@ -405,7 +406,6 @@ def _plot_series(series: dict[str, list[dict]], out: Path) -> Path | None:
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
-    plt.close(fig)
     return out
 
 

@@ -170,6 +170,6 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     table = [line for line in md.splitlines() if line.startswith("| ") and "diff" not in line and " - " not in line]
     assert len({line.count("|") for line in table}) == 1 and len(table) == 4
     out = quality.plot_pool_curves([a, b], list(s["methods"]), tmp_path / "curves.png")
-    assert out.exists() and out.stat().st_size > 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         quality.summarize_pool([a, tmp_path / "missing"], k=2, name="x")
