@@ -28,6 +28,7 @@ Examples::
     # the evaluation set in blocks: the same protocol on disjoint 16-question sets, then pooled
     python bench/quality.py --tag block2-L5 --data arith:5:16:8 ...   # one block per tag
     python bench/quality.py --tag pooled-L5 --pool pilot-L5 block2-L5 # means, SEs, CIs over all questions
+                                                                    # (refused if blocks share a question)
 
 The summary reports, per method, the metrics before/after (mean over seeds), the ``\\boxed{}``
 format rate, pseudo-label accuracy, completion length and entropy at forking/other tokens, wall
@@ -228,6 +229,50 @@ def _mean_se(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
+def check_poolable(blocks: list[tuple[str, dict | None, dict[str, list[dict]]]]) -> None:
+    """Refuse to pool blocks that share questions or differ in model (``SystemExit``, one line).
+
+    Each block's question set is read from its records' ``data`` spec (``arith:…`` is regenerated, a
+    file is loaded if it still exists) and compared by prompt text; two blocks with the same spec, or
+    any prompt in two blocks, would count questions twice.
+    """
+    from spine_ttrl.data import DataError, load_examples
+
+    names = [b[0] for b in blocks]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"--pool: a block is named twice in {names}")
+    specs: dict[str, str] = {}
+    models: dict[str, set] = {}
+    for name, base, runs in blocks:
+        records = ([base] if base else []) + [r for rs in runs.values() for r in rs]
+        data = {r.get("data") for r in records} - {None}
+        if len(data) > 1:
+            raise SystemExit(f"--pool: {name} mixes question sets {sorted(data)}")
+        if data:
+            specs[name] = data.pop()
+        for r in records:
+            models.setdefault(str(r.get("model")), set()).add(name)
+    if len(models) > 1:
+        raise SystemExit(f"--pool: the blocks use different models: "
+                         + "; ".join(f"{m} in {sorted(b)}" for m, b in models.items()))
+    seen: dict[str, str] = {}
+    for name, spec in specs.items():
+        if spec in seen.values():
+            other = next(n for n, sp in seen.items() if sp == spec)
+            raise SystemExit(f"--pool: {other} and {name} are the same questions ({spec})")
+        seen[name] = spec
+    prompts: dict[str, str] = {}
+    for name, spec in specs.items():
+        try:
+            examples = load_examples(spec)
+        except DataError:
+            continue  # a file that moved: only the spec comparison above applies
+        for ex in examples:
+            if ex.prompt in prompts and prompts[ex.prompt] != name:
+                raise SystemExit(f"--pool: {prompts[ex.prompt]} and {name} share the question {ex.prompt[:60]!r}")
+            prompts[ex.prompt] = name
+
+
 def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
     """Pool blocks of questions run with the same protocol (e.g. adapt on 16 questions, evaluate them).
 
@@ -245,6 +290,7 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
         if not d.is_dir():
             raise SystemExit(f"--pool: no such experiment {d}")
         blocks.append((d.name, *_load_block(d)))
+    check_poolable(blocks)
     out: dict = {"tag": name, "k": k, "pooled": [b[0] for b in blocks], "methods": {}, "left_out": {}}
     pq: dict[str, dict[str, np.ndarray]] = {}
     method_of: dict[str, str] = {}

@@ -173,3 +173,35 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
         quality.summarize_pool([a, tmp_path / "missing"], k=2, name="x")
+
+
+def test_pooling_refuses_blocks_that_share_questions_or_models(tmp_path):
+    import json
+
+    def block(name, data, model="m"):
+        d = tmp_path / name
+        d.mkdir()
+        rec = dict(_run_record("none", 0, [0, 1], [0, 1], []), data=data, model=model)
+        (d / "base.json").write_text(json.dumps(rec))
+        return d
+
+    def questions(name, prompts):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in prompts))
+        return str(path)
+
+    a = block("a", questions("qa.jsonl", ["What is 1+1?", "What is 2+2?"]))
+    b = block("b", questions("qb.jsonl", ["What is 3+3?", "What is 2+2?"]))
+    c = block("c", questions("qc.jsonl", ["What is 5+5?"]))
+    with pytest.raises(SystemExit, match="share the question 'What is 2\\+2\\?'"):
+        quality.summarize_pool([a, b], k=2, name="x")
+    assert quality.summarize_pool([a, c], k=2, name="x")["base"]["questions"] == 4
+    with pytest.raises(SystemExit, match="named twice"):
+        quality.summarize_pool([a, a], k=2, name="x")
+    same = block("same", "arith:5:4:1")
+    again = block("again", "arith:5:4:1")
+    with pytest.raises(SystemExit, match="same questions"):
+        quality.summarize_pool([same, again], k=2, name="x")
+    other = block("other", "arith:5:4:2", model="another-model")
+    with pytest.raises(SystemExit, match="different models"):
+        quality.summarize_pool([same, other], k=2, name="x")
