@@ -369,18 +369,31 @@ def _table_header(k: int, first: str) -> list[str]:
 
 
 def write_pool_markdown(summary: dict, path: Path) -> None:
-    k = summary["k"]
-    lines = [f"### {summary['tag']} (pooled: {', '.join(summary['pooled'])})", "",
-             *_table_header(k, "method | questions")]
-    blank = " |" * (_TRAIN_HEADER.count("|") + 1)
-    if "base" in summary:
-        lines.append(f"| base | {summary['base']['questions']} | {_eval_cells(summary['base'], k)} |{blank}")
-    for name, r in summary["methods"].items():
-        lines.append(f"| {name} (seeds {r['seeds']}) | {r['questions']} | {_eval_cells(r, k)} | {_train_cells(r)} |")
-    lines += _comparison_lines(summary["paired_bootstrap"])
+    rows = [(f"{name} (seeds {r['seeds']})", r, r) for name, r in summary["methods"].items()]
+    footer = []
     if summary["left_out"]:
-        lines += ["", "Left out (pooled only if finished in every block with the same seeds): "
+        footer = ["", "Left out (pooled only if finished in every block with the same seeds): "
                   + "; ".join(f"{key} ({why})" for key, why in summary["left_out"].items()) + "."]
+    _write_table(path, f"{summary['tag']} (pooled: {', '.join(summary['pooled'])})", summary, rows, footer,
+                 questions=True)
+
+
+def _write_table(path: Path, title: str, summary: dict, rows: list[tuple[str, dict, dict]], footer: list[str],
+                 questions: bool) -> None:
+    """``summary.md``: the base row, one row per (label, evaluation numbers, training numbers), the
+    paired-bootstrap comparisons, then ``footer``; a "questions" column if ``questions``."""
+    k = summary["k"]
+    lines = [f"### {title}", "", *_table_header(k, "method | questions" if questions else "method")]
+
+    def cells(label: str, ev: dict, train: dict | None) -> str:
+        n = f" {ev['questions']} |" if questions else ""
+        rest = f" {_train_cells(train)} |" if train else " |" * (_TRAIN_HEADER.count("|") + 1)
+        return f"| {label} |{n} {_eval_cells(ev, k)} |{rest}"
+
+    if "base" in summary:
+        lines.append(cells("base", summary["base"], None))
+    lines += [cells(label, ev, train) for label, ev, train in rows]
+    lines += _comparison_lines(summary["paired_bootstrap"]) + footer
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -389,15 +402,8 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def write_markdown(summary: dict, path: Path) -> None:
-    k = summary["k"]
-    lines = [f"### {summary['tag']}", "", *_table_header(k, "method")]
-    blank = " |" * (_TRAIN_HEADER.count("|") + 1)
-    if "base" in summary:
-        lines.append(f"| base | {_eval_cells(summary['base'], k)} |{blank}")
-    for name, r in summary["methods"].items():
-        lines.append(f"| {name} (seeds {r['seeds']}) | {_eval_cells(r['eval'], k)} | {_train_cells(r)} |")
-    lines += _comparison_lines(summary["paired_bootstrap"])
-    path.write_text("\n".join(lines) + "\n")
+    rows = [(f"{name} (seeds {r['seeds']})", r["eval"], r) for name, r in summary["methods"].items()]
+    _write_table(path, summary["tag"], summary, rows, [], questions=False)
 
 
 def plot_curves(tag_dir: Path) -> Path | None:
