@@ -255,12 +255,11 @@ def check_poolable(blocks: list[tuple[str, dict | None, dict[str, list[dict]]]])
     if len(models) > 1:
         raise SystemExit(f"--pool: the blocks use different models: "
                          + "; ".join(f"{m} in {sorted(b)}" for m, b in models.items()))
-    seen: dict[str, str] = {}
+    block_of_spec: dict[str, str] = {}
     for name, spec in specs.items():
-        if spec in seen.values():
-            other = next(n for n, sp in seen.items() if sp == spec)
-            raise SystemExit(f"--pool: {other} and {name} are the same questions ({spec})")
-        seen[name] = spec
+        if spec in block_of_spec:
+            raise SystemExit(f"--pool: {block_of_spec[spec]} and {name} are the same questions ({spec})")
+        block_of_spec[spec] = name
     prompts: dict[str, str] = {}
     for name, spec in specs.items():
         try:

@@ -202,17 +202,16 @@ def autocast_context(dtype: torch.dtype | None, model=None, enabled: bool = True
         yield
         return
     device_type = _device_of(model).type if model is not None else "cpu"
-    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-        if enabled and model is not None:
-            with cache_frozen_casts(model, dtype):
-                yield
-        else:
-            yield
+    cache = cache_frozen_casts(model, dtype) if enabled and model is not None else contextlib.nullcontext()
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled), cache:
+        yield
 
 
 @contextlib.contextmanager
 def cache_frozen_casts(model, dtype: torch.dtype | None):
-    """Let autocast keep one low-precision copy of each frozen weight (use under ``no_grad``; entered by :func:`autocast_context`).
+    """Let autocast keep one low-precision copy of each frozen weight (under ``no_grad``).
+
+    Entered by :func:`autocast_context`, inside its autocast context.
 
     Autocast caches the cast of a weight only if the weight is a leaf that requires grad; a
     frozen fp32 weight (the base model under LoRA) is cast again at every forward, i.e. at every
