@@ -45,6 +45,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -346,7 +347,10 @@ def _wrap_lora(model, lora: dict):
     kwargs.setdefault("lora_dropout", 0.0)
     kwargs.setdefault("target_modules", "all-linear")
     kwargs.setdefault("task_type", "CAUSAL_LM")
-    return peft.get_peft_model(model, peft.LoraConfig(**kwargs))
+    with warnings.catch_warnings():
+        # peft probes transformers' deprecated `is_gradient_checkpointing` alias: not ours to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, peft.LoraConfig(**kwargs))
 
 
 # ---------------------------------------------------------------------------------------------
