@@ -321,6 +321,21 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
         out["methods"][key] = row
         method_of[key] = rs0[0]["method"]
     out["paired_bootstrap"] = _comparisons(pq, method_of)
+    out["questions_for_se"] = questions_for_se([out["base"]] * ("base" in out) + list(out["methods"].values()), k)
+    return out
+
+
+def questions_for_se(rows: list[dict], k: int, target: float = 0.03) -> dict:
+    """Questions needed for a standard error ≤ ``target`` at the pooled rows' spreads.
+
+    SE = sd / √n, so n' = ⌈n · (SE / target)²⌉ per row and metric; the largest over the rows is
+    reported (every method's SE must reach the target), for greedy pass@1 and avg@k.
+    """
+    out: dict = {"target": target}
+    for label in ("greedy_pass@1", f"avg@{k}"):
+        need = [math.ceil(r["questions"] * (r[f"{label}_se"] / target) ** 2 - 1e-9)
+                for r in rows if r.get(f"{label}_se") == r.get(f"{label}_se")]
+        out[label] = max(need) if need else None
     return out
 
 
@@ -370,8 +385,14 @@ def _table_header(k: int, first: str) -> list[str]:
 def write_pool_markdown(summary: dict, path: Path) -> None:
     rows = [(f"{name} (seeds {r['seeds']})", r, r) for name, r in summary["methods"].items()]
     footer = []
+    need = summary.get("questions_for_se")
+    if need:
+        k = summary["k"]
+        footer = ["", f"Standard error ≤ {need['target']:g} at these spreads needs ≈ {need['greedy_pass@1']} questions "
+                  f"for greedy pass@1 and ≈ {need[f'avg@{k}']} for avg@{k} (the largest over the rows; "
+                  f"n · (SE / {need['target']:g})²)."]
     if summary["left_out"]:
-        footer = ["", "Left out (pooled only if finished in every block with the same seeds): "
+        footer += ["", "Left out (pooled only if finished in every block with the same seeds): "
                   + "; ".join(f"{key} ({why})" for key, why in summary["left_out"].items()) + "."]
     _write_table(path, f"{summary['tag']} (pooled: {', '.join(summary['pooled'])})", summary, rows, footer,
                  questions=True)

@@ -161,8 +161,13 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     assert c["spine-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.2)
     # ttrl - base avg@2: [1, .5] - [0, .5] ; [0, 1, 1] - [0, 0, 1] -> [1, 0, 0, 1, 0] mean .4
     assert c["ttrl-lr0.0001 - base"]["avg"]["diff"] == pytest.approx(0.4)
+    # SE <= .03 needs n = var / .03**2; greedy variances (ddof 1): base .2, ttrl [1,1,0,1,0] .3, spine .075
+    assert s["questions_for_se"]["greedy_pass@1"] == 334  # ceil(.3 / .0009)
+    # avg@2 per question: base [0, .5, 0, 0, 1] and ttrl [1, .5, 0, 1, 1] variance .2, spine .075
+    assert s["questions_for_se"]["avg@2"] == 223  # ceil(.2 / .0009)
     quality.write_pool_markdown(s, tmp_path / "pooled.md")
     md = (tmp_path / "pooled.md").read_text()
+    assert "needs ≈ 334 questions for greedy pass@1" in md
     assert "| spine-lr0.0001 (seeds [0, 1]) | 5 | 0.800" in md
     assert "| 0.750 | –→– | 100→80 | – / – | 21 |" in md
     assert "spine-v2-lr0.0001 (seeds [0] not finished in block-b)" in md
