@@ -117,11 +117,20 @@ def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
 
 # ----------------------------------------------------------------------------- analysis
 
+PER_QUESTION = ("greedy", "avg", "maj", "agree")
+
+
 def per_question(record: dict, k: int) -> dict[str, np.ndarray]:
+    """Per-question arrays of one evaluation: greedy correct, share of the k samples correct, majority
+    of the samples correct, and ``agree`` = the greedy answer is equivalent to the samples' majority
+    answer (math-verify; no answer in either counts as disagreement)."""
+    from spine_ttrl.answers import is_equivalent
+
     recs = record["records"]
     return {"greedy": np.array([float(r.get("greedy_correct", False)) for r in recs]),
             "avg": np.array([r.get("samples_correct", 0) / k for r in recs]),
-            "maj": np.array([float(r.get("maj_correct", False)) for r in recs])}
+            "maj": np.array([float(r.get("maj_correct", False)) for r in recs]),
+            "agree": np.array([float(is_equivalent(r.get("greedy_answer"), r.get("majority"))) for r in recs])}
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: int = 0) -> dict[str, float]:
@@ -166,7 +175,7 @@ def _load_block(tag_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
 def _seed_mean_arrays(rs: list[dict], k: int) -> dict[str, np.ndarray]:
     """Per-question greedy / avg@k / maj@k of a run key, averaged over its seeds (question order kept)."""
     arrays = [per_question(r, k) for r in rs]
-    return {m: np.mean([a[m] for a in arrays], axis=0) for m in ("greedy", "avg", "maj")}
+    return {m: np.mean([a[m] for a in arrays], axis=0) for m in PER_QUESTION}
 
 
 def _comparisons(pq: dict[str, dict[str, np.ndarray]], method_of: dict[str, str]) -> dict:
@@ -216,11 +225,12 @@ def summarize(tag_dir: Path, k: int) -> dict:
     pq: dict[str, dict[str, np.ndarray]] = {}
     for key, rs in runs.items():
         ev = {m: float(np.mean([r["eval"].get(m, float("nan")) for r in rs])) for m in rs[0]["eval"]}
-        row = {"seeds": [r["seed"] for r in rs], "eval": ev, **_train_stats(rs)}
-        out["methods"][key] = row
         pq[key] = _seed_mean_arrays(rs, k)
+        ev["greedy_is_majority"] = float(pq[key]["agree"].mean())
+        out["methods"][key] = {"seeds": [r["seed"] for r in rs], "eval": ev, **_train_stats(rs)}
     if base:
         pq["base"] = per_question(base, k)
+        out["base"]["greedy_is_majority"] = float(pq["base"]["agree"].mean())
     out["paired_bootstrap"] = _comparisons(pq, {key: rs[0]["method"] for key, rs in runs.items()})
     return out
 
@@ -296,9 +306,9 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
     extra = (f"pass@{k}", "majority_ratio", "greedy_boxed_rate", "sample_boxed_rate", "greedy_length", "sample_length")
 
     def pooled_row(per_block: list[tuple[list[dict], dict[str, np.ndarray]]]) -> dict:
-        arrays = {m: np.concatenate([a[m] for _, a in per_block]) for m in ("greedy", "avg", "maj")}
+        arrays = {m: np.concatenate([a[m] for _, a in per_block]) for m in PER_QUESTION}
         n = [len(a["greedy"]) for _, a in per_block]
-        row = {"questions": int(sum(n))}
+        row = {"questions": int(sum(n)), "greedy_is_majority": float(arrays["agree"].mean())}
         for m, label in (("greedy", "greedy_pass@1"), ("avg", f"avg@{k}"), ("maj", f"maj@{k}")):
             row[label], row[f"{label}_se"] = _mean_se(arrays[m])
         for m in extra:
@@ -341,13 +351,14 @@ def questions_for_se(rows: list[dict], k: int, target: float = 0.03) -> dict:
 
 def _eval_cells(e: dict, k: int) -> str:
     """The evaluation columns of a summary row: greedy pass@1, avg@k, maj@k (± standard errors),
-    pass@k, majority share, boxed rates and lengths of greedy / sampled answers."""
+    pass@k, majority share, share of greedy answers equal to the samples' majority, boxed rates and
+    lengths of greedy / sampled answers."""
     def with_se(m: str) -> str:
         se = e.get(f"{m}_se")
         return _fmt(e.get(m)) + ("" if se is None else f"±{_fmt(se)}")
 
     return (f"{with_se('greedy_pass@1')} | {with_se(f'avg@{k}')} | {with_se(f'maj@{k}')} | "
-            f"{_fmt(e.get(f'pass@{k}'))} | {_fmt(e.get('majority_ratio'))} | "
+            f"{_fmt(e.get(f'pass@{k}'))} | {_fmt(e.get('majority_ratio'))} | {_fmt(e.get('greedy_is_majority'), '.2f')} | "
             f"{_fmt(e.get('greedy_boxed_rate'), '.2f')} / {_fmt(e.get('sample_boxed_rate'), '.2f')} | "
             f"{_fmt(e.get('greedy_length'), '.0f')} / {_fmt(e.get('sample_length'), '.0f')}")
 
@@ -376,7 +387,7 @@ def _train_cells(r: dict) -> str:
 
 
 def _table_header(k: int, first: str) -> list[str]:
-    cols = [first, f"greedy pass@1 | avg@{k} | maj@{k} | pass@{k} | majority share | boxed greedy / sampled | "
+    cols = [first, f"greedy pass@1 | avg@{k} | maj@{k} | pass@{k} | majority share | greedy = majority | boxed greedy / sampled | "
             f"eval length greedy / sampled | {_TRAIN_HEADER}"]
     n = sum(c.count("|") + 1 for c in cols)
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * n]

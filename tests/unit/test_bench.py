@@ -56,7 +56,10 @@ def test_per_question_values_from_records():
 
 
 def _run_record(method, seed, greedy, samples, steps):
-    recs = [{"id": str(i), "label": "1", "greedy_correct": bool(g), "samples_correct": s, "maj_correct": s >= 1}
+    # answers: "1" (the label) when correct, else "0" -- so the greedy answer equals the majority iff both
+    # are right or both wrong
+    recs = [{"id": str(i), "label": "1", "greedy_correct": bool(g), "samples_correct": s, "maj_correct": s >= 1,
+             "greedy_answer": "1" if g else "0", "majority": "1" if s >= 1 else "0"}
             for i, (g, s) in enumerate(zip(greedy, samples))]
     ev = {"greedy_pass@1": float(np.mean(greedy)), "greedy_pass@1_se": 0.0, "avg@2": float(np.mean(samples)) / 2,
           "avg@2_se": 0.0, "maj@2": float(np.mean([s >= 1 for s in samples])), "greedy_boxed_rate": 1.0,
@@ -86,6 +89,8 @@ def test_summarize_averages_seeds_per_question_then_compares(tmp_path):
     assert (spine["sample_accuracy_first"], spine["sample_accuracy_last"]) == (0.25, 0.75)
     assert (spine["length_first"], spine["length_last"]) == (100.0, 80.0)
     assert spine["entropy_other_mean"] == 0.5  # NaN steps skipped
+    # greedy = majority per question: spine s0 [1, 1, 1, 1], s1 [1, 0, 1, 0]; base [1, 0, 1, 1]
+    assert spine["eval"]["greedy_is_majority"] == 0.75 and s["base"]["greedy_is_majority"] == 0.75
     # Per question, seeds averaged first: spine greedy = [1, .5, 1, 0]; ttrl = [0, 1, 1, 0]; base = [0, 0, 1, 0].
     c = s["paired_bootstrap"]
     assert c["spine-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx((1 - 0.5 + 0 + 0) / 4)
@@ -162,6 +167,10 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     # ttrl - base avg@2: [1, .5] - [0, .5] ; [0, 1, 1] - [0, 0, 1] -> [1, 0, 0, 1, 0] mean .4
     assert c["ttrl-lr0.0001 - base"]["avg"]["diff"] == pytest.approx(0.4)
     # SE <= .03 needs n = var / .03**2; greedy variances (ddof 1): base .2, ttrl [1,1,0,1,0] .3, spine .075
+    # greedy = majority: base [1, 1] + [1, 1, 0], ttrl [1, 1] + [1, 1, 0], spine all agree
+    assert s["base"]["greedy_is_majority"] == pytest.approx(0.8)
+    assert s["methods"]["ttrl-lr0.0001"]["greedy_is_majority"] == pytest.approx(0.8)
+    assert spine["greedy_is_majority"] == 1.0
     assert s["questions_for_se"]["greedy_pass@1"] == 334  # ceil(.3 / .0009)
     # avg@2 per question: base [0, .5, 0, 0, 1] and ttrl [1, .5, 0, 1, 1] variance .2, spine .075
     assert s["questions_for_se"]["avg@2"] == 223  # ceil(.2 / .0009)
@@ -169,7 +178,7 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     md = (tmp_path / "pooled.md").read_text()
     assert "needs ≈ 334 questions for greedy pass@1" in md
     assert "| spine-lr0.0001 (seeds [0, 1]) | 5 | 0.800" in md
-    assert "| 0.750 | –→– | 100→80 | – / – | 21 |" in md
+    assert "| 0.750 | –→– | 100→80 | – / – | 21 |" in md and "| 0.80 | 1.00 / " in md
     assert "spine-v2-lr0.0001 (seeds [0] not finished in block-b)" in md
     # the header and every row have the same number of columns
     table = [line for line in md.splitlines() if line.startswith("| ") and "diff" not in line and " - " not in line]
