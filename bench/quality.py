@@ -173,7 +173,7 @@ def _load_block(tag_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
 
 
 def _seed_mean_arrays(rs: list[dict], k: int) -> dict[str, np.ndarray]:
-    """Per-question greedy / avg@k / maj@k of a run key, averaged over its seeds (question order kept)."""
+    """Per-question arrays of a run key (:func:`per_question`), averaged over its seeds (question order kept)."""
     arrays = [per_question(r, k) for r in rs]
     return {m: np.mean([a[m] for a in arrays], axis=0) for m in PER_QUESTION}
 
@@ -343,6 +343,7 @@ def questions_for_se(rows: list[dict], k: int, target: float = 0.03) -> dict:
     """
     out: dict = {"target": target}
     for label in ("greedy_pass@1", f"avg@{k}"):
+        # a hair below the product, so that an exact integer is not rounded up by float error
         need = [math.ceil(r["questions"] * (r[f"{label}_se"] / target) ** 2 - 1e-9)
                 for r in rows if r.get(f"{label}_se") == r.get(f"{label}_se")]
         out[label] = max(need) if need else None
@@ -358,7 +359,8 @@ def _eval_cells(e: dict, k: int) -> str:
         return _fmt(e.get(m)) + ("" if se is None else f"±{_fmt(se)}")
 
     return (f"{with_se('greedy_pass@1')} | {with_se(f'avg@{k}')} | {with_se(f'maj@{k}')} | "
-            f"{_fmt(e.get(f'pass@{k}'))} | {_fmt(e.get('majority_ratio'))} | {_fmt(e.get('greedy_is_majority'), '.2f')} | "
+            f"{_fmt(e.get(f'pass@{k}'))} | {_fmt(e.get('majority_ratio'))} | "
+            f"{_fmt(e.get('greedy_is_majority'), '.2f')} | "
             f"{_fmt(e.get('greedy_boxed_rate'), '.2f')} / {_fmt(e.get('sample_boxed_rate'), '.2f')} | "
             f"{_fmt(e.get('greedy_length'), '.0f')} / {_fmt(e.get('sample_length'), '.0f')}")
 
@@ -387,8 +389,8 @@ def _train_cells(r: dict) -> str:
 
 
 def _table_header(k: int, first: str) -> list[str]:
-    cols = [first, f"greedy pass@1 | avg@{k} | maj@{k} | pass@{k} | majority share | greedy = majority | boxed greedy / sampled | "
-            f"eval length greedy / sampled | {_TRAIN_HEADER}"]
+    cols = [first, f"greedy pass@1 | avg@{k} | maj@{k} | pass@{k} | majority share | greedy = majority | "
+            f"boxed greedy / sampled | eval length greedy / sampled | {_TRAIN_HEADER}"]
     n = sum(c.count("|") + 1 for c in cols)
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * n]
 
@@ -399,8 +401,8 @@ def write_pool_markdown(summary: dict, path: Path) -> None:
     need = summary.get("questions_for_se")
     if need:
         k = summary["k"]
-        footer = ["", f"Standard error ≤ {need['target']:g} at these spreads needs ≈ {need['greedy_pass@1']} questions "
-                  f"for greedy pass@1 and ≈ {need[f'avg@{k}']} for avg@{k} (the largest over the rows; "
+        footer = ["", f"Standard error ≤ {need['target']:g} at these spreads needs ≈ {need['greedy_pass@1']} "
+                  f"questions for greedy pass@1 and ≈ {need[f'avg@{k}']} for avg@{k} (the largest over the rows; "
                   f"n · (SE / {need['target']:g})²)."]
     if summary["left_out"]:
         footer += ["", "Left out (pooled only if finished in every block with the same seeds): "
