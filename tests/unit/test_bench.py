@@ -166,11 +166,11 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     assert c["spine-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.2)
     # ttrl - base avg@2: [1, .5] - [0, .5] ; [0, 1, 1] - [0, 0, 1] -> [1, 0, 0, 1, 0] mean .4
     assert c["ttrl-lr0.0001 - base"]["avg"]["diff"] == pytest.approx(0.4)
-    # SE <= .03 needs n = var / .03**2; greedy variances (ddof 1): base .2, ttrl [1,1,0,1,0] .3, spine .075
     # greedy = majority: base [1, 1] + [1, 1, 0], ttrl [1, 1] + [1, 1, 0], spine all agree
     assert s["base"]["greedy_is_majority"] == pytest.approx(0.8)
     assert s["methods"]["ttrl-lr0.0001"]["greedy_is_majority"] == pytest.approx(0.8)
     assert spine["greedy_is_majority"] == 1.0
+    # SE <= .03 needs n = var / .03**2; greedy variances (ddof 1): base .2, ttrl [1,1,0,1,0] .3, spine .075
     assert s["questions_for_se"]["greedy_pass@1"] == 334  # ceil(.3 / .0009)
     # avg@2 per question: base [0, .5, 0, 0, 1] and ttrl [1, .5, 0, 1, 1] variance .2, spine .075
     assert s["questions_for_se"]["avg@2"] == 223  # ceil(.2 / .0009)
