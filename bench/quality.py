@@ -117,20 +117,39 @@ def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
 
 # ----------------------------------------------------------------------------- analysis
 
-PER_QUESTION = ("greedy", "avg", "maj", "agree")
+PER_QUESTION = ("greedy", "avg", "maj", "agree", "split_greedy_right", "split_majority_right", "changed")
 
 
-def per_question(record: dict, k: int) -> dict[str, np.ndarray]:
-    """Per-question arrays of one evaluation: greedy correct, share of the k samples correct, majority
-    of the samples correct, and ``agree`` = the greedy answer is equivalent to the samples' majority
-    answer (math-verify; no answer in either counts as disagreement)."""
+def per_question(record: dict, k: int, base: dict | None = None) -> dict[str, np.ndarray]:
+    """Per-question arrays of one evaluation (each of length n = questions, values in [0, 1]):
+
+    - ``greedy``, ``avg``, ``maj``: greedy answer correct, share of the k samples correct, the samples'
+      majority answer correct;
+    - ``agree`` = a_i: the greedy answer is equivalent to the samples' majority answer (math-verify; no
+      answer in either counts as disagreement);
+    - ``split_greedy_right`` = (1 − a_i)·greedy_i and ``split_majority_right`` = (1 − a_i)·maj_i: where
+      the two disagree, which one is right;
+    - ``changed``: the greedy answer differs from the greedy answer of ``base`` (the base evaluation's
+      record) on the same question id — not equivalent, and not both missing; NaN without ``base`` or
+      for an id ``base`` lacks.
+    """
     from spine_ttrl.answers import is_equivalent
 
     recs = record["records"]
-    return {"greedy": np.array([float(r.get("greedy_correct", False)) for r in recs]),
-            "avg": np.array([r.get("samples_correct", 0) / k for r in recs]),
-            "maj": np.array([float(r.get("maj_correct", False)) for r in recs]),
-            "agree": np.array([float(is_equivalent(r.get("greedy_answer"), r.get("majority"))) for r in recs])}
+    greedy = np.array([float(r.get("greedy_correct", False)) for r in recs])
+    maj = np.array([float(r.get("maj_correct", False)) for r in recs])
+    agree = np.array([float(is_equivalent(r.get("greedy_answer"), r.get("majority"))) for r in recs])
+    base_greedy = {b["id"]: b.get("greedy_answer") for b in base["records"]} if base else {}
+
+    def changed(r: dict) -> float:
+        if r.get("id") not in base_greedy:
+            return float("nan")
+        a, b = r.get("greedy_answer"), base_greedy[r["id"]]
+        return float(not ((a is None and b is None) or is_equivalent(a, b)))
+
+    return {"greedy": greedy, "avg": np.array([r.get("samples_correct", 0) / k for r in recs]), "maj": maj,
+            "agree": agree, "split_greedy_right": (1 - agree) * greedy, "split_majority_right": (1 - agree) * maj,
+            "changed": np.array([changed(r) for r in recs])}
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 10000, seed: int = 0) -> dict[str, float]:
@@ -172,10 +191,20 @@ def _load_block(tag_dir: Path) -> tuple[dict | None, dict[str, list[dict]]]:
     return base, runs
 
 
-def _seed_mean_arrays(rs: list[dict], k: int) -> dict[str, np.ndarray]:
-    """Per-question arrays of a run key (:func:`per_question`), averaged over its seeds (question order kept)."""
-    arrays = [per_question(r, k) for r in rs]
+def _seed_mean_arrays(rs: list[dict], k: int, base: dict | None) -> dict[str, np.ndarray]:
+    """Per-question arrays of a run key (:func:`per_question`, ``changed`` against ``base``), averaged over
+    its seeds (question order kept)."""
+    arrays = [per_question(r, k, base) for r in rs]
     return {m: np.mean([a[m] for a in arrays], axis=0) for m in PER_QUESTION}
+
+
+def _answer_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means over questions of the greedy-vs-samples arrays of :func:`per_question` (NaN if any
+    question lacks a value, e.g. ``greedy_changed`` of the base or of a block without one)."""
+    return {"greedy_is_majority": float(arrays["agree"].mean()),
+            "split_greedy_right": float(arrays["split_greedy_right"].mean()),
+            "split_majority_right": float(arrays["split_majority_right"].mean()),
+            "greedy_changed": float(arrays["changed"].mean())}
 
 
 def _comparisons(pq: dict[str, dict[str, np.ndarray]], method_of: dict[str, str]) -> dict:
@@ -225,12 +254,12 @@ def summarize(tag_dir: Path, k: int) -> dict:
     pq: dict[str, dict[str, np.ndarray]] = {}
     for key, rs in runs.items():
         ev = {m: float(np.mean([r["eval"].get(m, float("nan")) for r in rs])) for m in rs[0]["eval"]}
-        pq[key] = _seed_mean_arrays(rs, k)
-        ev["greedy_is_majority"] = float(pq[key]["agree"].mean())
+        pq[key] = _seed_mean_arrays(rs, k, base)
+        ev.update(_answer_stats(pq[key]))
         out["methods"][key] = {"seeds": [r["seed"] for r in rs], "eval": ev, **_train_stats(rs)}
     if base:
         pq["base"] = per_question(base, k)
-        out["base"]["greedy_is_majority"] = float(pq["base"]["agree"].mean())
+        out["base"].update(_answer_stats(pq["base"]))
     out["paired_bootstrap"] = _comparisons(pq, {key: rs[0]["method"] for key, rs in runs.items()})
     return out
 
@@ -308,7 +337,7 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
     def pooled_row(per_block: list[tuple[list[dict], dict[str, np.ndarray]]]) -> dict:
         arrays = {m: np.concatenate([a[m] for _, a in per_block]) for m in PER_QUESTION}
         n = [len(a["greedy"]) for _, a in per_block]
-        row = {"questions": int(sum(n)), "greedy_is_majority": float(arrays["agree"].mean())}
+        row = {"questions": int(sum(n)), **_answer_stats(arrays)}
         for m, label in (("greedy", "greedy_pass@1"), ("avg", f"avg@{k}"), ("maj", f"maj@{k}")):
             row[label], row[f"{label}_se"] = _mean_se(arrays[m])
         for m in extra:
@@ -325,7 +354,7 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
         if missing:
             out["left_out"][key] = f"seeds {seeds} not finished in {', '.join(missing)}"
             continue
-        per_block = [(b[2][key], _seed_mean_arrays(b[2][key], k)) for b in blocks]
+        per_block = [(b[2][key], _seed_mean_arrays(b[2][key], k, b[1])) for b in blocks]
         row, pq[key] = pooled_row(per_block)
         row.update(seeds=seeds, **_train_stats([r for rs, _ in per_block for r in rs]))
         out["methods"][key] = row
@@ -376,6 +405,20 @@ def _comparison_lines(comparisons: dict) -> list[str]:
     return lines
 
 
+def _answer_lines(rows: list[tuple[str, dict]], k: int) -> list[str]:
+    """The greedy-vs-samples table: per row, shares of questions whose greedy answer changed from the
+    base's, differs from the majority of the k samples, and, among those, is right / the majority is."""
+    if not rows:
+        return []
+    lines = ["", f"| method | greedy changed vs base | greedy ≠ majority@{k} | … and greedy right | "
+             "… and majority right |", "|---|---|---|---|---|"]
+    for label, e in rows:
+        split = 1 - e["greedy_is_majority"] if e.get("greedy_is_majority") is not None else None
+        lines.append(f"| {label} | {_fmt(e.get('greedy_changed'), '.2f')} | {_fmt(split, '.2f')} | "
+                     f"{_fmt(e.get('split_greedy_right'), '.2f')} | {_fmt(e.get('split_majority_right'), '.2f')} |")
+    return lines
+
+
 _TRAIN_HEADER = "pseudo-label acc | rollout acc first→last | length first→last | H fork / other | train+eval s"
 
 
@@ -423,10 +466,11 @@ def _write_table(path: Path, title: str, summary: dict, rows: list[tuple[str, di
         rest = f" {_train_cells(train)} |" if train else " |" * (_TRAIN_HEADER.count("|") + 1)
         return f"| {label} |{n} {_eval_cells(ev, k)} |{rest}"
 
+    labelled = ([("base", summary["base"])] if "base" in summary else []) + [(label, ev) for label, ev, _ in rows]
     if "base" in summary:
         lines.append(cells("base", summary["base"], None))
     lines += [cells(label, ev, train) for label, ev, train in rows]
-    lines += _comparison_lines(summary["paired_bootstrap"]) + footer
+    lines += _comparison_lines(summary["paired_bootstrap"]) + _answer_lines(labelled, k) + footer
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -53,6 +53,23 @@ def test_per_question_values_from_records():
     assert pq["greedy"].tolist() == [1.0, 0.0]
     assert pq["avg"].tolist() == [0.75, 0.0]
     assert pq["maj"].tolist() == [1.0, 0.0]
+    assert np.isnan(pq["changed"]).all()  # no base evaluation to compare with
+
+
+def test_per_question_greedy_against_majority_and_base():
+    rec = {"records": [
+        {"id": "a", "greedy_answer": "1/2", "majority": "0.5", "greedy_correct": True, "maj_correct": True},
+        {"id": "b", "greedy_answer": "3", "majority": "4", "greedy_correct": True, "maj_correct": False},
+        {"id": "c", "greedy_answer": None, "majority": "7", "greedy_correct": False, "maj_correct": True},
+        {"id": "d", "greedy_answer": "2", "majority": None, "greedy_correct": False, "maj_correct": False}]}
+    base = {"records": [{"id": "a", "greedy_answer": "0.5"}, {"id": "b", "greedy_answer": "4"},
+                        {"id": "c", "greedy_answer": None}]}
+    pq = quality.per_question(rec, k=8, base=base)
+    assert pq["agree"].tolist() == [1.0, 0.0, 0.0, 0.0]  # equivalent forms agree; a missing answer never does
+    assert pq["split_greedy_right"].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert pq["split_majority_right"].tolist() == [0.0, 0.0, 1.0, 0.0]
+    # a: 1/2 = 0.5 unchanged; b: 3 vs 4 changed; c: missing in both = unchanged; d: not in the base
+    assert pq["changed"][:3].tolist() == [0.0, 1.0, 0.0] and np.isnan(pq["changed"][3])
 
 
 def _run_record(method, seed, greedy, samples, steps):
@@ -91,6 +108,12 @@ def test_summarize_averages_seeds_per_question_then_compares(tmp_path):
     assert spine["entropy_other_mean"] == 0.5  # NaN steps skipped
     # greedy = majority per question: spine s0 [1, 1, 1, 1], s1 [1, 0, 1, 0]; base [1, 0, 1, 1]
     assert spine["eval"]["greedy_is_majority"] == 0.75 and s["base"]["greedy_is_majority"] == 0.75
+    # where they disagree: base q1 (greedy 0, majority 1); spine s1 q1, q3 (majority right) -> [0, .5, 0, .5]
+    assert s["base"]["split_majority_right"] == 0.25 and s["base"]["split_greedy_right"] == 0.0
+    assert spine["eval"]["split_majority_right"] == 0.25 and spine["eval"]["split_greedy_right"] == 0.0
+    # greedy answers vs the base's ["0", "0", "1", "0"]: spine s0 changes q0, q1, s1 q0 -> [1, .5, 0, 0]
+    assert spine["eval"]["greedy_changed"] == 0.375 and s["methods"]["ttrl-lr0.0001"]["eval"]["greedy_changed"] == 0.25
+    assert np.isnan(s["base"]["greedy_changed"])
     # Per question, seeds averaged first: spine greedy = [1, .5, 1, 0]; ttrl = [0, 1, 1, 0]; base = [0, 0, 1, 0].
     c = s["paired_bootstrap"]
     assert c["spine-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx((1 - 0.5 + 0 + 0) / 4)
@@ -101,6 +124,7 @@ def test_summarize_averages_seeds_per_question_then_compares(tmp_path):
     quality.write_markdown(s, tmp_path / "summary.md")
     md = (tmp_path / "summary.md").read_text()
     assert "| spine-lr0.0001 (seeds [0, 1]) | 0.625" in md and "0.250→0.750" in md and "100→80" in md
+    assert "| base | – | 0.25 | 0.00 | 0.25 |" in md and "| spine-lr0.0001 (seeds [0, 1]) | 0.38 | 0.25 | 0.00 | 0.25 |" in md
 
 
 def test_sets_and_variants_name_runs_apart():
@@ -170,6 +194,9 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     assert s["base"]["greedy_is_majority"] == pytest.approx(0.8)
     assert s["methods"]["ttrl-lr0.0001"]["greedy_is_majority"] == pytest.approx(0.8)
     assert spine["greedy_is_majority"] == 1.0
+    # greedy changed vs each block's base: spine [1, .5] + [.5, 1, 1], ttrl [1, 0] + [0, 1, 0]
+    assert spine["greedy_changed"] == pytest.approx(0.8)
+    assert s["methods"]["ttrl-lr0.0001"]["greedy_changed"] == pytest.approx(0.4)
     # SE <= .03 needs n = var / .03**2; greedy variances (ddof 1): base .2, ttrl [1,1,0,1,0] .3, spine .075
     assert s["questions_for_se"]["greedy_pass@1"] == 334  # ceil(.3 / .0009)
     # avg@2 per question: base [0, .5, 0, 0, 1] and ttrl [1, .5, 0, 1, 1] variance .2, spine .075
@@ -178,11 +205,15 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     md = (tmp_path / "pooled.md").read_text()
     assert "needs ≈ 334 questions for greedy pass@1" in md
     assert "| spine-lr0.0001 (seeds [0, 1]) | 5 | 0.800" in md
+    # base: block b's question 3 has greedy 0 vs majority 1 (right) -> 1/5
+    assert "| base | – | 0.20 | 0.00 | 0.20 |" in md and "| spine-lr0.0001 (seeds [0, 1]) | 0.80 | 0.00 |" in md
     assert "| 0.750 | –→– | 100→80 | – / – | 21 |" in md and "| 0.80 | 1.00 / " in md
     assert "spine-v2-lr0.0001 (seeds [0] not finished in block-b)" in md
-    # the header and every row have the same number of columns
-    table = [line for line in md.splitlines() if line.startswith("| ") and "diff" not in line and " - " not in line]
-    assert len({line.count("|") for line in table}) == 1 and len(table) == 4
+    # in each table the header and every row have the same number of columns
+    tables = [[line for line in chunk.splitlines() if line.startswith("|")] for chunk in md.split("\n\n")]
+    tables = [t for t in tables if t]
+    assert [len(t) for t in tables] == [5, 5, 5]  # header, separator + 3 rows: methods, comparisons, greedy vs samples
+    assert all(len({line.count("|") for line in t}) == 1 for t in tables)
     out = quality.plot_pool_curves([a, b], list(s["methods"]), tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):
