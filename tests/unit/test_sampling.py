@@ -163,7 +163,9 @@ def test_select_cache_rows_keeps_the_right_rows(model):
     from transformers import DynamicCache
 
     ids = torch.tensor([[1, 5, 6], [1, 7, 8], [1, 9, 10]])
-    cache = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
+    from spine_ttrl.models import cache_kwarg, output_cache
+
+    cache = output_cache(model(input_ids=ids, use_cache=True, **{cache_kwarg(model): DynamicCache()}))
     keys_before = [layer.keys.clone() for layer in cache.layers]
     cache = select_cache_rows(cache, torch.tensor([0, 2]))
     for before, layer in zip(keys_before, cache.layers):
