@@ -457,7 +457,8 @@ def write_pool_markdown(summary: dict, path: Path) -> None:
 def _write_table(path: Path, title: str, summary: dict, rows: list[tuple[str, dict, dict]], footer: list[str],
                  questions: bool) -> None:
     """``summary.md``: the base row, one row per (label, evaluation numbers, training numbers), the
-    paired-bootstrap comparisons, then ``footer``; a "questions" column if ``questions``."""
+    paired-bootstrap comparisons, the greedy-vs-samples table (:func:`_answer_lines`), then ``footer``;
+    a "questions" column if ``questions``."""
     k = summary["k"]
     lines = [f"### {title}", "", *_table_header(k, "method | questions" if questions else "method")]
 
