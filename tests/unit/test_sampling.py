@@ -162,9 +162,9 @@ def test_finished_rows_are_pruned_from_the_batch(model):
 def test_select_cache_rows_keeps_the_right_rows(model):
     from transformers import DynamicCache
 
-    ids = torch.tensor([[1, 5, 6], [1, 7, 8], [1, 9, 10]])
     from spine_ttrl.models import cache_kwarg, output_cache
 
+    ids = torch.tensor([[1, 5, 6], [1, 7, 8], [1, 9, 10]])
     cache = output_cache(model(input_ids=ids, use_cache=True, **{cache_kwarg(model): DynamicCache()}))
     keys_before = [layer.keys.clone() for layer in cache.layers]
     cache = select_cache_rows(cache, torch.tensor([0, 2]))
