@@ -467,11 +467,10 @@ def _write_table(path: Path, title: str, summary: dict, rows: list[tuple[str, di
         rest = f" {_train_cells(train)} |" if train else " |" * (_TRAIN_HEADER.count("|") + 1)
         return f"| {label} |{n} {_eval_cells(ev, k)} |{rest}"
 
-    labelled = ([("base", summary["base"])] if "base" in summary else []) + [(label, ev) for label, ev, _ in rows]
-    if "base" in summary:
-        lines.append(cells("base", summary["base"], None))
+    rows = ([("base", summary["base"], None)] if "base" in summary else []) + rows
     lines += [cells(label, ev, train) for label, ev, train in rows]
-    lines += _comparison_lines(summary["paired_bootstrap"]) + _answer_lines(labelled, k) + footer
+    lines += (_comparison_lines(summary["paired_bootstrap"]) + _answer_lines([(label, ev) for label, ev, _ in rows], k)
+              + footer)
     path.write_text("\n".join(lines) + "\n")
 
 
