@@ -95,8 +95,13 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The parameters that training changes (all of them, or only the LoRA adapter's)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The parameters that training changes (all of them, or only the LoRA adapter's).
+
+    Views that share the parameters' storage, not copies: a copy would add the model's size to the
+    peak memory of every save when all weights train (2 GB for a 0.5B model in fp32). Serialise them
+    (``torch.save``) before the next optimiser step changes them.
+    """
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
