@@ -12,7 +12,8 @@ Layout, under ``bench/results/quality/<tag>/`` (``--tag`` names one experiment):
 - ``<method>-lr<lr>-s<seed>.json``: the finished run (evaluation metrics and records, per-step
   metrics, wall time). A run whose JSON exists is skipped: re-running the command resumes a sweep;
 - ``summary.json``, ``summary.md``, ``curves.png``: written by every invocation from the files present
-  (for ``--pool``: the pooled numbers, and each step's metrics averaged over the blocks and seeds).
+  (for ``--pool``: the pooled numbers, each block's greedy pass@1 / avg@k and each method's difference
+  from that block's base, and each step's metrics averaged over the blocks and seeds).
 
 Examples::
 
@@ -319,7 +320,8 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
     per-question values (seeds averaged within the block) are concatenated over blocks, so the
     means, standard errors and paired bootstraps are over all pooled questions. The base is pooled
     only if every block has one. Other evaluation numbers (majority share, lengths, format rates)
-    are question-weighted means of the blocks' seed means.
+    are question-weighted means of the blocks' seed means. ``per_block`` keeps each block's greedy
+    pass@1 and avg@k (base and pooled run keys), so that the spread between blocks stays visible.
     """
     if not tag_dirs:
         raise ValueError("no blocks to pool")
@@ -345,9 +347,15 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
             row[m] = float(np.average(vals, weights=n))
         return row, arrays
 
+    # per block: the block's mean greedy pass@1 and avg@k of the base and of each pooled run key
+    out["per_block"] = [{"block": name, "questions": len(base["records"]) if base else None, "base": None,
+                         "methods": {}} for name, base, _ in blocks]
     if all(b[1] is not None for b in blocks):
-        row, pq["base"] = pooled_row([([base], per_question(base, k)) for _, base, _ in blocks])
+        per_block_base = [([base], per_question(base, k)) for _, base, _ in blocks]
+        row, pq["base"] = pooled_row(per_block_base)
         out["base"] = row
+        for entry, (_, arrays) in zip(out["per_block"], per_block_base):
+            entry["base"] = _block_means(arrays)
     for key, rs0 in blocks[0][2].items():
         seeds = [r["seed"] for r in rs0]
         missing = [b[0] for b in blocks if [r["seed"] for r in b[2].get(key, [])] != seeds]
@@ -356,12 +364,56 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
             continue
         per_block = [(b[2][key], _seed_mean_arrays(b[2][key], k, b[1])) for b in blocks]
         row, pq[key] = pooled_row(per_block)
+        for entry, (_, arrays) in zip(out["per_block"], per_block):
+            entry["questions"] = len(arrays["greedy"])
+            entry["methods"][key] = _block_means(arrays)
         row.update(seeds=seeds, **_train_stats([r for rs, _ in per_block for r in rs]))
         out["methods"][key] = row
         method_of[key] = rs0[0]["method"]
     out["paired_bootstrap"] = _comparisons(pq, method_of)
-    out["questions_for_se"] = questions_for_se([out["base"]] * ("base" in out) + list(out["methods"].values()), k)
+    out["questions_for_se"] = questions_for_se(([out["base"]] if "base" in out else []) + list(out["methods"].values()), k)
     return out
+
+
+def _block_means(arrays: dict[str, np.ndarray]) -> dict[str, float]:
+    """Greedy pass@1 and avg@k of one block: means over its questions of :func:`per_question`'s
+    ``greedy`` and ``avg`` (seeds already averaged)."""
+    return {"greedy": float(arrays["greedy"].mean()), "avg": float(arrays["avg"].mean())}
+
+
+def _per_block_lines(summary: dict) -> list[str]:
+    """The per-block table of a pool: each block's base greedy pass@1 / avg@k, and each pooled run
+    key's difference from that base in points (its own values if the pool has no base); then, per
+    run key, on how many blocks it is above and below the base (ties count as neither)."""
+    blocks, k = summary.get("per_block") or [], summary["k"]
+    keys = list(summary["methods"])
+    if not blocks or not keys:
+        return []
+    has_base = all(b["base"] is not None for b in blocks)
+    head = ["block", "questions"] + (["base greedy / avg@%d" % k] if has_base else [])
+    head += [f"{key} − base (points)" if has_base else f"{key} greedy / avg@{k}" for key in keys]
+    lines = ["", "Per block (greedy pass@1 / avg@%d):" % k, "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for b in blocks:
+        cells = [b["block"], str(b["questions"])]
+        if has_base:
+            base = b["base"]
+            cells.append(f"{base['greedy']:.3f} / {base['avg']:.3f}")
+            cells += [f"{100 * (b['methods'][key]['greedy'] - base['greedy']):+.1f} / "
+                      f"{100 * (b['methods'][key]['avg'] - base['avg']):+.1f}" for key in keys]
+        else:
+            cells += [f"{b['methods'][key]['greedy']:.3f} / {b['methods'][key]['avg']:.3f}" for key in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    if has_base:
+        n = len(blocks)
+        for word, sign in (("above", 1), ("below", -1)):
+            cells = [f"blocks {word} base", "", ""]
+            for key in keys:
+                count = {m: sum(sign * (b["methods"][key][m] - b["base"][m]) > 1e-12 for b in blocks)
+                         for m in ("greedy", "avg")}
+                cells.append(f"{count['greedy']} / {count['avg']} of {n}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def questions_for_se(rows: list[dict], k: int, target: float = 0.03) -> dict:
@@ -447,6 +499,7 @@ def write_pool_markdown(summary: dict, path: Path) -> None:
         footer = ["", f"Standard error ≤ {need['target']:g} at these spreads needs ≈ {need['greedy_pass@1']} "
                   f"questions for greedy pass@1 and ≈ {need[f'avg@{k}']} for avg@{k} (the largest over the rows; "
                   f"n · (SE / {need['target']:g})²)."]
+    footer += _per_block_lines(summary)
     if summary["left_out"]:
         footer += ["", "Left out (pooled only if finished in every block with the same seeds): "
                   + "; ".join(f"{key} ({why})" for key, why in summary["left_out"].items()) + "."]

@@ -214,8 +214,21 @@ def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tm
     # in each table the header and every row have the same number of columns
     tables = [[line for line in chunk.splitlines() if line.startswith("|")] for chunk in md.split("\n\n")]
     tables = [t for t in tables if t]
-    # methods, comparisons, greedy vs samples: each a header, a separator and 3 rows
-    assert [len(t) for t in tables] == [5, 5, 5]
+    # per block, points over that block's base: ttrl greedy 1 - .5, avg@2 .75 - .25 (block a) and
+    # 1/3 - 0, 2/3 - 1/3 (block b); spine greedy [1, .5] -> .75 - .5, avg@2 [1, .5] -> .75 - .25 (a) and
+    # [.5, 1, 1] -> 5/6 - 0, 5/6 - 1/3 (b)
+    blocks = s["per_block"]
+    assert [b["block"] for b in blocks] == ["block-a", "block-b"] and [b["questions"] for b in blocks] == [2, 3]
+    assert blocks[1]["base"] == pytest.approx({"greedy": 0.0, "avg": 1 / 3})
+    assert blocks[1]["methods"]["spine-lr0.0001"] == pytest.approx({"greedy": 5 / 6, "avg": 5 / 6})
+    assert "spine-v2-lr0.0001" not in blocks[0]["methods"]
+    assert "| block-a | 2 | 0.500 / 0.250 | +50.0 / +50.0 | +25.0 / +50.0 |" in md
+    assert "| block-b | 3 | 0.000 / 0.333 | +33.3 / +33.3 | +83.3 / +50.0 |" in md
+    assert "| blocks above base |  |  | 2 / 2 of 2 | 2 / 2 of 2 |" in md
+    assert "| blocks below base |  |  | 0 / 0 of 2 | 0 / 0 of 2 |" in md
+    # methods, comparisons, greedy vs samples: each a header, a separator and 3 rows; per block: 2 blocks
+    # and the above / below counts
+    assert [len(t) for t in tables] == [5, 5, 5, 6]
     assert all(len({line.count("|") for line in t}) == 1 for t in tables)
     out = quality.plot_pool_curves([a, b], list(s["methods"]), tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -253,3 +266,21 @@ def test_pooling_refuses_blocks_that_share_questions_or_models(tmp_path):
     other = block("other", "arith:5:4:2", model="another-model")
     with pytest.raises(SystemExit, match="different models"):
         quality.summarize_pool([same, other], k=2, name="x")
+
+
+def test_pooling_without_a_base_reports_each_blocks_own_numbers(tmp_path):
+    import json
+
+    for name, greedy in (("a", [1, 0]), ("b", [0, 0, 1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ttrl-lr0.0001-s0.json").write_text(
+            json.dumps(_run_record("ttrl", 0, greedy, [1] * len(greedy), [])))
+    s = quality.summarize_pool([tmp_path / "a", tmp_path / "b"], k=2, name="pooled")
+    assert "base" not in s and s["methods"]["ttrl-lr0.0001"]["greedy_pass@1"] == pytest.approx(2 / 5)
+    # greedy [1, 0, 0, 0, 1]: variance (ddof 1) .3 -> ceil(.3 / .0009)
+    assert s["questions_for_se"]["greedy_pass@1"] == 334
+    assert [b["base"] for b in s["per_block"]] == [None, None]
+    quality.write_pool_markdown(s, tmp_path / "pooled.md")
+    md = (tmp_path / "pooled.md").read_text()
+    assert "| a | 2 | 0.500 / 0.500 |" in md and "| b | 3 | 0.333 / 0.500 |" in md
+    assert "blocks above base" not in md
