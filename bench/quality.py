@@ -390,9 +390,9 @@ def _per_block_lines(summary: dict) -> list[str]:
     if not blocks or not keys:
         return []
     has_base = all(b["base"] is not None for b in blocks)
-    head = ["block", "questions"] + (["base greedy / avg@%d" % k] if has_base else [])
+    head = ["block", "questions"] + ([f"base greedy / avg@{k}"] if has_base else [])
     head += [f"{key} − base (points)" if has_base else f"{key} greedy / avg@{k}" for key in keys]
-    lines = ["", "Per block (greedy pass@1 / avg@%d):" % k, "", "| " + " | ".join(head) + " |",
+    lines = ["", f"Per block (greedy pass@1 / avg@{k}):", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for b in blocks:
         cells = [b["block"], str(b["questions"])]
