@@ -284,3 +284,81 @@ def test_pooling_without_a_base_reports_each_blocks_own_numbers(tmp_path):
     md = (tmp_path / "pooled.md").read_text()
     assert "| a | 2 | 0.500 / 0.500 |" in md and "| b | 3 | 0.333 / 0.500 |" in md
     assert "blocks above base" not in md
+
+
+reading = _load("reading")
+
+
+def _reading_pool(root):
+    """Two blocks (2 and 3 questions) with a base and one seed of TTRL, SPINE and SPINE-v2, pooled."""
+    import json
+
+    steps = [{"step": 1, "completion/length_mean": 100.0}, {"step": 2, "completion/length_mean": 90.0}]
+    runs = {"block1-T": {"none": ([0, 1], [0, 1]), "ttrl": ([1, 1], [2, 1]), "spine": ([0, 1], [1, 1]),
+                         "spine-v2": ([1, 0], [2, 0])},
+            "block2-T": {"none": ([0, 0, 0], [0, 0, 2]), "ttrl": ([0, 1, 0], [0, 2, 2]),
+                         "spine": ([1, 0, 0], [2, 0, 2]), "spine-v2": ([0, 0, 0], [0, 0, 0])}}
+    for block, methods in runs.items():
+        (root / block).mkdir(parents=True)
+        for method, (greedy, samples) in methods.items():
+            rec = _run_record(method, 0, greedy, samples, [] if method == "none" else steps)
+            rec["eval"].update({"majority_ratio": 0.9 if method == "spine-v2" else 0.6, "pass@2": 0.5,
+                                "sample_length": 50.0, "greedy_length": 40.0})
+            name = "base.json" if method == "none" else f"{method}-lr0.0001-s0.json"
+            (root / block / name).write_text(json.dumps(rec))
+    s = quality.summarize_pool([root / b for b in runs], k=2, name="pooled-T")
+    (root / "pooled-T").mkdir()
+    (root / "pooled-T" / "summary.json").write_text(json.dumps(s))
+    quality.write_pool_markdown(s, root / "pooled-T" / "summary.md")
+    return s
+
+
+def test_reading_quotes_the_pools_numbers_and_recomputes_prefixes(tmp_path, monkeypatch):
+    monkeypatch.setattr(reading.quality, "ROOT", tmp_path)
+    s = _reading_pool(tmp_path)
+    keys = reading._keys(s)
+    assert keys == {"ttrl": "ttrl-lr0.0001", "spine": "spine-lr0.0001", "spine-v2": "spine-v2-lr0.0001"}
+    blocks = reading.block_stats(s, keys)
+    grow = reading.growth(s, keys, first=1)
+    # prefix of block 1 (2 questions): spine − base greedy [0, 1] − [0, 1] = 0, avg@2 [.5, .5] − [0, .5] = .25;
+    # both blocks (5 questions): greedy [0,1,1,0,0] − [0,1,0,0,0] = .2, avg@2 [.5,.5,1,0,1] − [0,.5,0,0,1] = .3
+    assert [g["questions"] for g in grow] == [2, 5]
+    assert [g["spine_base"]["greedy"]["diff"] for g in grow] == pytest.approx([0.0, 0.2])
+    assert [g["spine_base"]["avg"]["diff"] for g in grow] == pytest.approx([0.25, 0.3])
+    text = reading.reading(s, blocks, grow)
+    # TTRL greedy [1,1,0,1,0] = .6 against base .2; avg@2 [1,.5,0,1,1] = .7 against .3
+    assert "greedy pass@1 0.200 → 0.600 (+40.0 [" in text and "avg@2 0.300 → 0.700 (+40.0 [" in text
+    # SPINE changes one greedy answer (block 2, question 0) of 5; none on block 1; TTRL changes 2 (block 1 q0, block 2 q1)
+    assert "1 of its 5 greedy answers differ from the base's (none on block 1), TTRL's 2;" in text
+    # per block (ties count as neither): TTRL above on both; SPINE ties block 1 on greedy; SPINE-v2 ties
+    # greedy on both and is below on block 2's avg@2 (0 vs 1/3); SPINE below TTRL on block 1 only
+    assert "TTRL is 2 / 2 above and 0 / 0 below the base, SPINE 1 / 2 above and 0 / 0 below, SPINE-v2 " \
+           "0 / 1 above and 0 / 1 below; SPINE is 0 / 0 above and 1 / 1 below TTRL." in text
+    assert "SPINE-v2 − base avg@2 lies" not in text and "Per block, on avg@2: block 1" in text  # no "other blocks"
+    assert "higher than the base's on 2 of 2 blocks" in text
+    # SPINE − TTRL avg@2 .6 − .7 = −10 points: the +3 target is missed by 13
+    assert "SPINE ≥ TTRL + 3 points — avg@2 −10.0 [" in text and "missed by 13.0 points" in text
+    assert "SPINE − base avg@2 +25.0 → +30.0, greedy +0.0 → +20.0" in text
+    assert "met (0.90× in training" in text  # rollouts 100 → 90 tokens
+
+
+def test_reading_rewrites_only_the_marked_regions(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(reading.quality, "ROOT", tmp_path)
+    _reading_pool(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- pooled-table -->\nold table\n<!-- /pooled-table -->\nmiddle\n"
+                      "<!-- pooled-reading -->\nold reading\n<!-- /pooled-reading -->\nend\n")
+    monkeypatch.setattr("sys.argv", ["reading.py", "pooled-T", "--readme", str(readme)])
+    reading.main()
+    out = readme.read_text()
+    assert out.startswith("intro\n<!-- pooled-table -->\n| method | questions |") and "\nmiddle\n" in out
+    assert "old table" not in out and "old reading" not in out and out.endswith("<!-- /pooled-reading -->\nend\n")
+    assert "Reading of `pooled-T` (5 questions from 2 blocks" in out
+    with pytest.raises(SystemExit, match="pooled-reading"):
+        reading.splice("no markers here", "pooled-reading", "x")
+    s = json.loads((tmp_path / "pooled-T" / "summary.json").read_text())
+    del s["methods"]["spine-v2-lr0.0001"]
+    with pytest.raises(SystemExit, match="lacks spine-v2"):
+        reading._keys(s)
