@@ -5,6 +5,8 @@ re-reads that pool's blocks and rewrites two marked regions of the README from t
 numbers quoted in prose are regenerated with the table instead of being copied by hand:
 
 - ``<!-- pooled-table -->`` … ``<!-- /pooled-table -->``: ``summary.md`` without its title;
+- ``<!-- pooled-headline -->`` … ``<!-- /pooled-headline -->``: three sentences for the top of the
+  section (:func:`headline`);
 - ``<!-- pooled-reading -->`` … ``<!-- /pooled-reading -->``: the reading — per method the gains and
   their paired-bootstrap intervals, greedy-vs-majority counts, block-by-block counts, the issue's
   targets (met or not, computed), standard errors, and how the SPINE differences moved as blocks were
@@ -265,6 +267,26 @@ def reading(summary: dict, blocks: list[dict], grow: list[dict]) -> str:
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
+def headline(summary: dict) -> str:
+    """Three sentences for the top of the benchmark section: size, the SPINE and TTRL differences
+    (greedy pass@1 and avg@k, paired-bootstrap intervals) and whether the issue's targets are met."""
+    keys = _keys(summary)
+    k, pb, n = summary["k"], summary["paired_bootstrap"], summary["base"]["questions"]
+    st, sb = pb[f"{keys['spine']} - {keys['ttrl']}"], pb[f"{keys['spine']} - base"]
+    tb = pb[f"{keys['ttrl']} - base"]
+    met_t = st["greedy"]["diff"] >= 0.03 and st["avg"]["diff"] >= 0.03
+    met_b = sb["greedy"]["diff"] >= 0.05 and sb["avg"]["diff"] >= 0.05
+    base, _ = quality._load_block(quality.ROOT / summary["pooled"][0])
+    model = Path(str(base.get("model"))).name if base.get("model") else "model not recorded"
+    return (f"**Result so far** ({n} questions pooled from {len(summary['pooled'])} blocks, `{model}`, "
+            f"seeds {', '.join(str(x) for x in summary['methods'][keys['spine']]['seeds'])}; points, paired-bootstrap "
+            f"95 % intervals; details under \"The evaluation set in blocks\" below): TTRL − base greedy pass@1 "
+            f"{ci(tb['greedy'])}, avg@{k} {ci(tb['avg'])}; SPINE − base greedy {ci(sb['greedy'])}, avg@{k} "
+            f"{ci(sb['avg'])}; SPINE − TTRL greedy {ci(st['greedy'])}, avg@{k} {ci(st['avg'])}. The issue's targets "
+            f"(point estimates, both metrics): SPINE ≥ TTRL + 3 points {'met' if met_t else 'not met'}; SPINE ≥ "
+            f"base + 5 points {'met' if met_b else 'not met'}.\n")
+
+
 def splice(text: str, name: str, body: str) -> str:
     """Replace what lies between ``<!-- name -->`` and ``<!-- /name -->`` (each once in ``text``) by ``body``."""
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
@@ -294,6 +316,7 @@ def main() -> None:
     table = (quality.ROOT / args.tag / "summary.md").read_text().split("\n", 2)[2]
     readme = args.readme.read_text()
     readme = splice(splice(readme, "pooled-table", table), "pooled-reading", text)
+    readme = splice(readme, "pooled-headline", headline(summary))
     args.readme.write_text(readme)
     print(f"rewrote the pooled table and reading of {args.readme}", file=sys.stderr)
 

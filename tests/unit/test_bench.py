@@ -304,6 +304,7 @@ def _reading_pool(root):
             rec = _run_record(method, 0, greedy, samples, [] if method == "none" else steps)
             rec["eval"].update({"majority_ratio": 0.9 if method == "spine-v2" else 0.6, "pass@2": 0.5,
                                 "sample_length": 50.0, "greedy_length": 40.0})
+            rec["model"] = "/models/tiny.gguf"
             name = "base.json" if method == "none" else f"{method}-lr0.0001-s0.json"
             (root / block / name).write_text(json.dumps(rec))
     s = quality.summarize_pool([root / b for b in runs], k=2, name="pooled-T")
@@ -349,13 +350,16 @@ def test_reading_rewrites_only_the_marked_regions(tmp_path, monkeypatch):
     _reading_pool(tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- pooled-table -->\nold table\n<!-- /pooled-table -->\nmiddle\n"
-                      "<!-- pooled-reading -->\nold reading\n<!-- /pooled-reading -->\nend\n")
+                      "<!-- pooled-reading -->\nold reading\n<!-- /pooled-reading -->\n"
+                      "<!-- pooled-headline -->\n<!-- /pooled-headline -->\nend\n")
     monkeypatch.setattr("sys.argv", ["reading.py", "pooled-T", "--readme", str(readme)])
     reading.main()
     out = readme.read_text()
     assert out.startswith("intro\n<!-- pooled-table -->\n| method | questions |") and "\nmiddle\n" in out
-    assert "old table" not in out and "old reading" not in out and out.endswith("<!-- /pooled-reading -->\nend\n")
+    assert "old table" not in out and "old reading" not in out and out.endswith("<!-- /pooled-headline -->\nend\n")
     assert "Reading of `pooled-T` (5 questions from 2 blocks" in out
+    # SPINE − TTRL avg@2 −10, SPINE − base +30 / +20: the first target missed, the second met
+    assert "**Result so far** (5 questions pooled from 2 blocks, `tiny.gguf`" in out and "TTRL + 3 points not met; SPINE ≥ base + 5 points met." in out
     with pytest.raises(SystemExit, match="pooled-reading"):
         reading.splice("no markers here", "pooled-reading", "x")
     s = json.loads((tmp_path / "pooled-T" / "summary.json").read_text())
