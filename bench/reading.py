@@ -76,7 +76,7 @@ def _keys(summary: dict) -> dict[str, str]:
     out: dict[str, str] = {}
     for key in summary["methods"]:
         method = re.sub(r"-lr.*$", "", key)
-        if method in ("ttrl", "spine", "spine-v2") and "+" not in key:
+        if method in ("ttrl", "spine", "spine-v2"):  # variants ("spine+noband-lr…") do not match
             out.setdefault(method, key)
     missing = {"ttrl", "spine", "spine-v2"} - set(out)
     if missing or "base" not in summary:
@@ -105,16 +105,14 @@ def block_stats(summary: dict, keys: dict[str, str]) -> list[dict]:
 
 def growth(summary: dict, keys: dict[str, str], first: int = 2) -> list[dict]:
     """SPINE − base and SPINE − TTRL (greedy, avg@k) for each prefix of the pool's blocks, from
-    ``first`` blocks to all of them: the same pooling, re-run on the blocks added so far."""
+    ``first`` blocks to all of them: the same pooling, re-run on the blocks added so far (the whole
+    pool is ``summary`` itself, not pooled again)."""
     k, names = summary["k"], summary["pooled"]
     s, t = keys["spine"], keys["ttrl"]
-    out = []
-    for n in range(min(first, len(names)), len(names) + 1):
-        pooled = quality.summarize_pool([quality.ROOT / b for b in names[:n]], k, "prefix")
-        pb = pooled["paired_bootstrap"]
-        out.append({"questions": pooled["base"]["questions"], "spine_base": pb[f"{s} - base"],
-                    "spine_ttrl": pb[f"{s} - {t}"]})
-    return out
+    prefixes = [quality.summarize_pool([quality.ROOT / b for b in names[:n]], k, "prefix")
+                for n in range(min(first, len(names)), len(names))]
+    return [{"questions": p["base"]["questions"], "spine_base": p["paired_bootstrap"][f"{s} - base"],
+             "spine_ttrl": p["paired_bootstrap"][f"{s} - {t}"]} for p in prefixes + [summary]]
 
 
 def reading(summary: dict, blocks: list[dict], grow: list[dict]) -> str:
