@@ -381,6 +381,15 @@ def _block_means(arrays: dict[str, np.ndarray]) -> dict[str, float]:
     return {"greedy": float(arrays["greedy"].mean()), "avg": float(arrays["avg"].mean())}
 
 
+def blocks_beyond(per_block: list[dict], key: str, against: str, metric: str, sign: int) -> int:
+    """On how many blocks run key ``key`` is above (``sign`` = 1) or below (−1) ``against`` — "base" or
+    another run key — on ``metric`` ("greedy" or "avg"): count of blocks with sign·(key − against) > 0,
+    ties counting as neither; ``per_block`` is a pool summary's ``per_block``."""
+    def ref(b: dict) -> float:
+        return b["base"][metric] if against == "base" else b["methods"][against][metric]
+    return sum(sign * (b["methods"][key][metric] - ref(b)) > 1e-12 for b in per_block)
+
+
 def _per_block_lines(summary: dict) -> list[str]:
     """The per-block table of a pool: each block's base greedy pass@1 / avg@k, and each pooled run
     key's difference from that base in points (its own values if the pool has no base); then, per
@@ -409,8 +418,7 @@ def _per_block_lines(summary: dict) -> list[str]:
         for word, sign in (("above", 1), ("below", -1)):
             cells = [f"blocks {word} base", "", ""]
             for key in keys:
-                count = {m: sum(sign * (b["methods"][key][m] - b["base"][m]) > 1e-12 for b in blocks)
-                         for m in ("greedy", "avg")}
+                count = {m: blocks_beyond(blocks, key, "base", m, sign) for m in ("greedy", "avg")}
                 cells.append(f"{count['greedy']} / {count['avg']} of {n}")
             lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -200,9 +200,7 @@ def reading(summary: dict, blocks: list[dict], grow: list[dict]) -> str:
 
     # block by block
     def count(method: str, m: str, sign: int, against: str = "base") -> int:
-        def ref(x):
-            return x["base"][m].mean() if against == "base" else x["methods"][against][m].mean()
-        return sum(sign * (x["methods"][method][m].mean() - ref(x)) > 1e-12 for x in blocks)
+        return quality.blocks_beyond(summary["per_block"], keys[method], keys.get(against, against), m, sign)
 
     def above_below(method: str, against: str = "base") -> str:
         return (f"{count(method, 'greedy', 1, against)} / {count(method, 'avg', 1, against)} above and "
