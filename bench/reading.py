@@ -62,6 +62,7 @@ def excludes_zero(c: dict) -> bool:
 
 
 def arrow(values: list[float]) -> str:
+    """Fractions as a sequence of signed points: [0.076, 0.044] -> '+7.6 → +4.4'."""
     return " → ".join(pts(v) for v in values)
 
 
