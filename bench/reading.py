@@ -265,18 +265,24 @@ def reading(summary: dict, blocks: list[dict], grow: list[dict]) -> str:
 
 
 def headline(summary: dict) -> str:
-    """Three sentences for the top of the benchmark section: size, the SPINE and TTRL differences
-    (greedy pass@1 and avg@k, paired-bootstrap intervals) and whether the issue's targets are met."""
+    """Three sentences for the top of the benchmark section: size (and whether every row's standard error
+    of greedy pass@1 and avg@k is ≤ 3 points, the issue's size: "Result" if so, "Result so far" if not),
+    the SPINE and TTRL differences (paired-bootstrap intervals) and whether the issue's targets are met."""
     keys = _keys(summary)
     k, pb, n = summary["k"], summary["paired_bootstrap"], summary["base"]["questions"]
     st, sb = pb[f"{keys['spine']} - {keys['ttrl']}"], pb[f"{keys['spine']} - base"]
     tb = pb[f"{keys['ttrl']} - base"]
     met_t = st["greedy"]["diff"] >= 0.03 and st["avg"]["diff"] >= 0.03
     met_b = sb["greedy"]["diff"] >= 0.05 and sb["avg"]["diff"] >= 0.05
+    rows = [summary["base"]] + [summary["methods"][key] for key in keys.values()]
+    se_max = max(row[f"{label}_se"] for row in rows for label in ("greedy_pass@1", f"avg@{k}"))
+    need = max(summary.get("questions_for_se", {}).values(), default=n)
+    size = ("standard errors ≤ 3 points on every row, the issue's size" if se_max <= 0.03 else
+            f"standard errors up to {100 * se_max:.2f} points, ≈ {need} questions needed for ≤ 3")
     base, _ = quality._load_block(quality.ROOT / summary["pooled"][0])
     model = Path(str(base.get("model"))).name if base.get("model") else "model not recorded"
-    return (f"**Result so far** ({n} questions pooled from {len(summary['pooled'])} blocks, `{model}`, "
-            f"seeds {', '.join(str(x) for x in summary['methods'][keys['spine']]['seeds'])}; points, paired-bootstrap "
+    return (f"**{'Result' if se_max <= 0.03 else 'Result so far'}** ({n} questions pooled from {len(summary['pooled'])} blocks, `{model}`, "
+            f"seeds {', '.join(str(x) for x in summary['methods'][keys['spine']]['seeds'])}; {size}; points, paired-bootstrap "
             f"95 % intervals; details under \"The evaluation set in blocks\" below): TTRL − base greedy pass@1 "
             f"{ci(tb['greedy'])}, avg@{k} {ci(tb['avg'])}; SPINE − base greedy {ci(sb['greedy'])}, avg@{k} "
             f"{ci(sb['avg'])}; SPINE − TTRL greedy {ci(st['greedy'])}, avg@{k} {ci(st['avg'])}. The issue's targets "

@@ -360,9 +360,28 @@ def test_reading_rewrites_only_the_marked_regions(tmp_path, monkeypatch):
     assert "Reading of `pooled-T` (5 questions from 2 blocks" in out
     # SPINE − TTRL avg@2 −10, SPINE − base +30 / +20: the first target missed, the second met
     assert "**Result so far** (5 questions pooled from 2 blocks, `tiny.gguf`" in out and "TTRL + 3 points not met; SPINE ≥ base + 5 points met." in out
+    # five questions: standard errors far above 3 points, so the result is provisional
+    assert "; standard errors up to " in out and "questions needed for ≤ 3;" in out
     with pytest.raises(SystemExit, match="pooled-reading"):
         reading.splice("no markers here", "pooled-reading", "x")
     s = json.loads((tmp_path / "pooled-T" / "summary.json").read_text())
     del s["methods"]["spine-v2-lr0.0001"]
     with pytest.raises(SystemExit, match="lacks spine-v2"):
         reading._keys(s)
+
+
+def test_headline_says_result_only_when_every_rows_standard_error_is_at_most_3_points(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(reading.quality, "ROOT", tmp_path)
+    _reading_pool(tmp_path)
+    s = json.loads((tmp_path / "pooled-T" / "summary.json").read_text())
+    rows = [s["base"]] + list(s["methods"].values())
+    for row in rows:
+        row["greedy_pass@1_se"], row["avg@2_se"] = 0.03, 0.029
+    out = reading.headline(s)
+    assert out.startswith("**Result** (5 questions") and "standard errors ≤ 3 points on every row" in out
+    s["methods"]["spine-v2-lr0.0001"]["avg@2_se"] = 0.0301  # one row of one metric above: provisional
+    s["questions_for_se"] = {"greedy_pass@1": 40, "avg@2": 51}
+    out = reading.headline(s)
+    assert out.startswith("**Result so far** (5 questions") and "standard errors up to 3.01 points, ≈ 51 questions" in out
