@@ -52,7 +52,8 @@ def main() -> None:
     model = tokenizer = None
     for level in args.levels:
         for temp in args.temperatures:
-            name = f"premise-{Path(model_name).name}-L{level}-T{temp}-n{args.questions}-k{args.k}-s{args.seed}.json"
+            name = (f"premise-{Path(model_name).name}-L{level}-T{temp}-n{args.questions}-k{args.k}-s{args.seed}"
+                    f"-m{args.max_new_tokens}.json")  # one file per setting, token budget included
             out = RESULTS / name
             if out.exists():
                 print(f"skip {name} (done)")
