@@ -86,6 +86,15 @@ def _keys(summary: dict) -> dict[str, str]:
     return out
 
 
+def standard_errors(summary: dict, keys: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The pooled standard error of greedy pass@1 and avg@k of the base, TTRL, SPINE and SPINE-v2 rows:
+    {"greedy_pass@1": {"base": se, "TTRL": se, ...}, "avg@k": {...}} (fractions, SE = sd / √n)."""
+    rows = [("base", summary["base"])] + [(name, summary["methods"][keys[m]])
+                                         for name, m in (("TTRL", "ttrl"), ("SPINE", "spine"), ("SPINE-v2", "spine-v2"))]
+    return {label: {name: row[f"{label}_se"] for name, row in rows}
+            for label in ("greedy_pass@1", f"avg@{summary['k']}")}
+
+
 def block_stats(summary: dict, keys: dict[str, str]) -> list[dict]:
     """Per block (in pool order): the per-question arrays of the base and of each method (seeds
     averaged), the methods' mean majority share, and paired bootstraps of each method − base."""
@@ -224,8 +233,7 @@ def reading(summary: dict, blocks: list[dict], grow: list[dict]) -> str:
             return f"not met (missed by {100 * (target - c['diff']):.1f} points; the whole interval lies below the target)"
         return f"not met by the point estimate (missed by {100 * (target - c['diff']):.1f} points)"
 
-    ses = {label: {name: row[f"{label}_se"] for name, row in (("base", b), ("TTRL", t), ("SPINE", s), ("SPINE-v2", v))}
-           for label in ("greedy_pass@1", avg)}
+    ses = standard_errors(summary, keys)
     need = summary.get("questions_for_se", {})
 
     def se_txt(label: str) -> str:
@@ -274,9 +282,10 @@ def headline(summary: dict) -> str:
     tb = pb[f"{keys['ttrl']} - base"]
     met_t = st["greedy"]["diff"] >= 0.03 and st["avg"]["diff"] >= 0.03
     met_b = sb["greedy"]["diff"] >= 0.05 and sb["avg"]["diff"] >= 0.05
-    rows = [summary["base"]] + [summary["methods"][key] for key in keys.values()]
-    se_max = max(row[f"{label}_se"] for row in rows for label in ("greedy_pass@1", f"avg@{k}"))
-    need = max(summary.get("questions_for_se", {}).values(), default=n)
+    ses = standard_errors(summary, keys)
+    se_max = max(x for vals in ses.values() for x in vals.values())
+    counts = [summary.get("questions_for_se", {}).get(label) for label in ses]  # None: no spread to scale
+    need = max((c for c in counts if c is not None), default=n)
     size = ("standard errors ≤ 3 points on every row, the issue's size" if se_max <= 0.03 else
             f"standard errors up to {100 * se_max:.2f} points, ≈ {need} questions needed for ≤ 3")
     base, _ = quality._load_block(quality.ROOT / summary["pooled"][0])

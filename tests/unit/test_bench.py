@@ -382,6 +382,21 @@ def test_headline_says_result_only_when_every_rows_standard_error_is_at_most_3_p
     out = reading.headline(s)
     assert out.startswith("**Result** (5 questions") and "standard errors ≤ 3 points on every row" in out
     s["methods"]["spine-v2-lr0.0001"]["avg@2_se"] = 0.0301  # one row of one metric above: provisional
-    s["questions_for_se"] = {"greedy_pass@1": 40, "avg@2": 51}
+    s["questions_for_se"] = {"target": 0.03, "greedy_pass@1": 40, "avg@2": 51}
     out = reading.headline(s)
     assert out.startswith("**Result so far** (5 questions") and "standard errors up to 3.01 points, ≈ 51 questions" in out
+    s["questions_for_se"]["avg@2"] = None  # no spread on a metric: the other metric's count
+    assert "≈ 40 questions needed" in reading.headline(s)
+
+
+def test_standard_errors_are_the_pooled_rows_sd_over_root_n(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(reading.quality, "ROOT", tmp_path)
+    _reading_pool(tmp_path)
+    s = json.loads((tmp_path / "pooled-T" / "summary.json").read_text())
+    ses = reading.standard_errors(s, reading._keys(s))
+    assert set(ses) == {"greedy_pass@1", "avg@2"} and list(ses["avg@2"]) == ["base", "TTRL", "SPINE", "SPINE-v2"]
+    # base greedy [0, 1, 0, 0, 0]: sd (ddof 1) √.2, SE √.2 / √5 = .2; TTRL [1, 1, 0, 1, 0]: √(.3 / 5)
+    assert ses["greedy_pass@1"]["base"] == pytest.approx(0.2)
+    assert ses["greedy_pass@1"]["TTRL"] == pytest.approx((0.3 / 5) ** 0.5)
