@@ -4,8 +4,8 @@ The step, identical for both engines: the embedded SmolLM2-135M-Instruct (the pl
 from the GGUF, fp32 weights), 4 questions x 8 samples, 64 new tokens at temperature 1.0 (top-p 1),
 majority-vote reward (the same :func:`spine_ttrl.rewards.majority_rewards`), policy gradient on the
 top-20 % entropy tokens of the batch, no KL (TRL ``beta=0``, ``top_entropy_quantile=0.2``,
-``num_iterations=1``), AdamW lr 2e-5, no gradient checkpointing, micro-batches of 16 completions
-(TRL ``per_device_train_batch_size=16``, ``gradient_accumulation_steps=2``). Our side runs the
+``num_iterations=1``), AdamW lr 2e-5, no gradient checkpointing, micro-batches of 8 completions
+(TRL ``per_device_train_batch_size=8``, ``gradient_accumulation_steps=4``; ``--micro`` changes both). Our side runs the
 ``spine`` preset with ``band=none`` so that the work equals TRL's (the band adds no pass).
 
 Each measurement is a fresh subprocess (``--worker``) that runs ``--steps`` steps; the first is a
