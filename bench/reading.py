@@ -1,21 +1,22 @@
-"""Write a pooled quality benchmark into the README: its table and the numbers of its reading.
+"""Write a pooled quality benchmark into docs/benchmarks/quality.md: its table and its reading.
 
 ``bench/quality.py --pool`` writes ``summary.json`` / ``summary.md`` for a pool of blocks. This script
-re-reads that pool's blocks and rewrites two marked regions of the README from them, so that the
-numbers quoted in prose are regenerated with the table instead of being copied by hand:
+re-reads that pool's blocks and rewrites three marked regions of a Markdown file (by default
+``docs/benchmarks/quality.md``) from them, so that the numbers quoted in prose are regenerated with
+the table instead of being copied by hand:
 
 - ``<!-- pooled-table -->`` … ``<!-- /pooled-table -->``: ``summary.md`` without its title;
 - ``<!-- pooled-headline -->`` … ``<!-- /pooled-headline -->``: three sentences for the top of the
-  section (:func:`headline`);
+  page (:func:`headline`);
 - ``<!-- pooled-reading -->`` … ``<!-- /pooled-reading -->``: the reading — per method the gains and
-  their paired-bootstrap intervals, greedy-vs-majority counts, block-by-block counts, the issue's
-  targets (met or not, computed), standard errors, and how the SPINE differences moved as blocks were
+  their paired-bootstrap intervals, greedy-vs-majority counts, block-by-block counts, the project's
+  benchmark goals (met or not, computed), standard errors, and how the SPINE differences moved as blocks were
   added (each prefix of the pool re-pooled with :func:`quality.summarize_pool`).
 
 Hand-written remarks about single blocks stay outside the markers. Usage::
 
     python bench/quality.py --tag pooled-L5 --pool pilot-L5 block2-L5 ...   # the pool's summary
-    python bench/reading.py pooled-L5                                        # README regions rewritten
+    python bench/reading.py pooled-L5                                        # quality.md regions rewritten
     python bench/reading.py pooled-L5 --print                                # the reading on stdout only
 
 The run keys are taken from the pool (the first TTRL, SPINE and SPINE-v2 keys); a pool without a
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-README = HERE.parent / "README.md"
+QUALITY_DOC = HERE.parent / "docs" / "benchmarks" / "quality.md"
 
 _spec = importlib.util.spec_from_file_location("bench_quality", HERE / "quality.py")
 quality = importlib.util.module_from_spec(_spec)
@@ -223,7 +224,7 @@ def reading(summary: dict, blocks: list[dict], grow: list[dict]) -> str:
         f"{above_below('spine-v2')}; SPINE is {above_below('spine', 'ttrl')} TTRL. Base greedy pass@1 ranges "
         f"from {min(base_greedy):.3f} to {max(base_greedy):.3f} between blocks.")
 
-    # targets
+    # the benchmark goals
     def met(c: dict, target: float) -> str:
         if c["ci_low"] >= target:
             return "met (the whole interval)"
@@ -245,7 +246,7 @@ def reading(summary: dict, blocks: list[dict], grow: list[dict]) -> str:
 
     eval_ratio = s["sample_length"] / b["sample_length"]
     lines.append(
-        f"- **Targets** (reported, not asserted): SPINE ≥ TTRL + 3 points — {avg} {ci(st['avg'])}: "
+        f"- **Benchmark goals** (reported, not asserted): SPINE ≥ TTRL + 3 points — {avg} {ci(st['avg'])}: "
         f"{met(st['avg'], 0.03)}; greedy {ci(st['greedy'])}: {met(st['greedy'], 0.03)}. SPINE ≥ base + 5 — "
         f"{avg} {ci(sb['avg'])}: {met(sb['avg'], 0.05)}; greedy {ci(sb['greedy'])}: {met(sb['greedy'], 0.05)}. "
         f"SPINE's final length ≥ 0.8 × initial — {'met' if length_ratio >= 0.8 else 'not met'} "
@@ -274,8 +275,9 @@ def reading(summary: dict, blocks: list[dict], grow: list[dict]) -> str:
 
 def headline(summary: dict) -> str:
     """Three sentences for the top of the benchmark section: size (and whether every row's standard error
-    of greedy pass@1 and avg@k is ≤ 3 points, the issue's size: "Result" if so, "Result so far" if not),
-    the SPINE and TTRL differences (paired-bootstrap intervals) and whether the issue's targets are met."""
+    of greedy pass@1 and avg@k is ≤ 3 points, the benchmark's size goal: "Result" if so, "Result so far" if
+    not), the SPINE and TTRL differences (paired-bootstrap intervals) and whether the project's benchmark
+    goals are met."""
     keys = _keys(summary)
     k, pb, n = summary["k"], summary["paired_bootstrap"], summary["base"]["questions"]
     st, sb = pb[f"{keys['spine']} - {keys['ttrl']}"], pb[f"{keys['spine']} - base"]
@@ -286,7 +288,7 @@ def headline(summary: dict) -> str:
     se_max = max(x for vals in ses.values() for x in vals.values())
     counts = [summary.get("questions_for_se", {}).get(label) for label in ses]  # None: no spread to scale
     need = max((c for c in counts if c is not None), default=n)
-    size = ("standard errors ≤ 3 points on every row, the issue's size" if se_max <= 0.03 else
+    size = ("standard errors ≤ 3 points on every row, the benchmark's size goal" if se_max <= 0.03 else
             f"standard errors up to {100 * se_max:.2f} points, ≈ {need} questions needed for ≤ 3")
     base, _ = quality._load_block(quality.ROOT / summary["pooled"][0])
     model = Path(str(base.get("model"))).name if base.get("model") else "model not recorded"
@@ -294,7 +296,7 @@ def headline(summary: dict) -> str:
             f"seeds {', '.join(str(x) for x in summary['methods'][keys['spine']]['seeds'])}; {size}; points, paired-bootstrap "
             f"95 % intervals; details under \"The evaluation set in blocks\" below): TTRL − base greedy pass@1 "
             f"{ci(tb['greedy'])}, avg@{k} {ci(tb['avg'])}; SPINE − base greedy {ci(sb['greedy'])}, avg@{k} "
-            f"{ci(sb['avg'])}; SPINE − TTRL greedy {ci(st['greedy'])}, avg@{k} {ci(st['avg'])}. The issue's targets "
+            f"{ci(sb['avg'])}; SPINE − TTRL greedy {ci(st['greedy'])}, avg@{k} {ci(st['avg'])}. The project's benchmark goals "
             f"(point estimates, both metrics): SPINE ≥ TTRL + 3 points {'met' if met_t else 'not met'}; SPINE ≥ "
             f"base + 5 points {'met' if met_b else 'not met'}.\n")
 
@@ -303,7 +305,7 @@ def splice(text: str, name: str, body: str) -> str:
     """Replace what lies between ``<!-- name -->`` and ``<!-- /name -->`` (each once in ``text``) by ``body``."""
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
-        raise SystemExit(f"reading: the README needs one {start} … {end} region")
+        raise SystemExit(f"reading: the target file needs one {start} … {end} region")
     i, j = text.index(start) + len(start), text.index(end)
     return text[:i] + "\n" + body.strip("\n") + "\n" + text[j:]
 
@@ -311,7 +313,7 @@ def splice(text: str, name: str, body: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("tag", help="the pooled experiment (bench/results/quality/<tag>/summary.json)")
-    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--doc", type=Path, default=QUALITY_DOC, help="the Markdown file whose marked regions are rewritten")
     ap.add_argument("--print", dest="print_only", action="store_true", help="print the reading, change nothing")
     args = ap.parse_args()
     path = quality.ROOT / args.tag / "summary.json"
@@ -326,11 +328,11 @@ def main() -> None:
         print(text)
         return
     table = (quality.ROOT / args.tag / "summary.md").read_text().split("\n", 2)[2]
-    readme = args.readme.read_text()
-    readme = splice(splice(readme, "pooled-table", table), "pooled-reading", text)
-    readme = splice(readme, "pooled-headline", headline(summary))
-    args.readme.write_text(readme)
-    print(f"rewrote the pooled table and reading of {args.readme}", file=sys.stderr)
+    doc = args.doc.read_text()
+    doc = splice(splice(doc, "pooled-table", table), "pooled-reading", text)
+    doc = splice(doc, "pooled-headline", headline(summary))
+    args.doc.write_text(doc)
+    print(f"rewrote the pooled table and reading of {args.doc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -348,20 +348,22 @@ def test_reading_rewrites_only_the_marked_regions(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reading.quality, "ROOT", tmp_path)
     _reading_pool(tmp_path)
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- pooled-table -->\nold table\n<!-- /pooled-table -->\nmiddle\n"
-                      "<!-- pooled-reading -->\nold reading\n<!-- /pooled-reading -->\n"
-                      "<!-- pooled-headline -->\n<!-- /pooled-headline -->\nend\n")
-    monkeypatch.setattr("sys.argv", ["reading.py", "pooled-T", "--readme", str(readme)])
+    doc = tmp_path / "quality.md"
+    doc.write_text("intro\n<!-- pooled-table -->\nold table\n<!-- /pooled-table -->\nmiddle\n"
+                   "<!-- pooled-reading -->\nold reading\n<!-- /pooled-reading -->\n"
+                   "<!-- pooled-headline -->\n<!-- /pooled-headline -->\nend\n")
+    monkeypatch.setattr("sys.argv", ["reading.py", "pooled-T", "--doc", str(doc)])
     reading.main()
-    out = readme.read_text()
+    out = doc.read_text()
     assert out.startswith("intro\n<!-- pooled-table -->\n| method | questions |") and "\nmiddle\n" in out
     assert "old table" not in out and "old reading" not in out and out.endswith("<!-- /pooled-headline -->\nend\n")
     assert "Reading of `pooled-T` (5 questions from 2 blocks" in out
     # SPINE − TTRL avg@2 −10, SPINE − base +30 / +20: the first target missed, the second met
     assert "**Result so far** (5 questions pooled from 2 blocks, `tiny.gguf`" in out and "TTRL + 3 points not met; SPINE ≥ base + 5 points met." in out
+    assert "The project's benchmark goals (point estimates, both metrics)" in out and "issue" not in out
     # five questions: standard errors far above 3 points, so the result is provisional
     assert "; standard errors up to " in out and "questions needed for ≤ 3;" in out
+    assert reading.QUALITY_DOC.parts[-3:] == ("docs", "benchmarks", "quality.md")  # the default target
     with pytest.raises(SystemExit, match="pooled-reading"):
         reading.splice("no markers here", "pooled-reading", "x")
     s = json.loads((tmp_path / "pooled-T" / "summary.json").read_text())
