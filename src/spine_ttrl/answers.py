@@ -19,30 +19,28 @@ Differences from TTRL's voting, on purpose:
 - TTRL ran sympy with no time limit. ``is_equivalent`` has a hard wall-clock limit that also
   works off the main thread (see :data:`EQUIVALENCE_TIMEOUT`).
 
-Symbolic comparison runs in one persistent worker process (a ``python -c`` child started
-lazily, killed and restarted on timeout). math-verify's own timeout uses ``SIGALRM``, which
-only works on the main thread and cannot stop a computation stuck in C code; killing a
-process always works. Measured here: the round trip to the worker costs ~0.04 ms against
-~10-20 ms for a symbolic comparison, so every symbolic call goes through it.
-The worker is only reached after two cheap fast paths (exact normalised match, plain numbers)
-and an LRU cache, so most comparisons in a vote never leave the calling process.
+Symbolic comparison runs in one persistent worker process, which lives in
+:mod:`spine_ttrl.verify_worker` (started lazily, killed and restarted on timeout; its
+:func:`shutdown_worker` is re-exported here). It is only reached after two cheap fast paths
+(exact normalised match, plain numbers) and an LRU cache, so most comparisons in a vote never
+leave the calling process. What stays here is the policy: which function the worker runs
+(``_SYMBOLIC_TARGET``), the fallback to an in-process comparison when no worker can start,
+and the cache.
 """
 
 from __future__ import annotations
 
-import atexit
-import logging
 import math
-import os
 import re
-import subprocess
-import sys
 import threading
 import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
+
+from . import verify_worker
+from .verify_worker import shutdown_worker  # the worker lives there; re-exported (public API)
 
 __all__ = [
     "TASKS",
@@ -396,157 +394,7 @@ def _verify_pair(x: str, y: str, seconds: int | None = None) -> bool:
 # with each request, so pointing this name at another importable function -- a test's slow
 # one -- changes what the worker runs; a monkeypatch of math-verify here never would.
 _SYMBOLIC_TARGET: Callable[[str, str], bool] = _verify_pair
-
-# --- the worker process ----------------------------------------------------------------
-
-_WORKER_START_TIMEOUT = 120.0  # seconds to start and import math-verify (not part of the limit)
-_worker_lock = threading.Lock()
-# (process, request connection, reply connection, pid of the process that started it)
-_worker: tuple[Any, Any, Any, int] | None = None
 _worker_unavailable: str | None = None  # why the worker could not start; then compare inline
-
-# The worker is a plain `python -c` child, not a multiprocessing 'spawn' Process: spawn re-runs
-# the user's main script in the child (and fails outright in a script without an
-# `if __name__ == "__main__":` guard), and 'fork' is unsafe once torch threads or CUDA exist.
-# The parent's sys.path is sent first so the child imports what the parent imports.
-_BOOTSTRAP = """\
-import sys
-from multiprocessing.connection import Connection
-requests = Connection(int(sys.argv[1]), writable=False)
-replies = Connection(int(sys.argv[2]), readable=False)
-sys.path[:] = requests.recv()
-from spine_ttrl.answers import _worker_main
-_worker_main(requests, replies)
-"""
-
-
-def _worker_main(requests, replies) -> None:
-    """Worker loop: import math-verify once, then answer ``(fn, args)`` requests until EOF."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; it closes our pipe
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warnings
-    try:
-        _verify_pair("1/2", "0.5")  # import math-verify and warm its parser before 'ready'
-    finally:
-        replies.send(("ready", None))
-    while True:
-        try:
-            fn, args = requests.recv()
-        except (EOFError, OSError):  # parent closed the pipe or died: exit quietly
-            return
-        except BaseException as exc:  # noqa: BLE001 -- e.g. the target could not be imported
-            replies.send(("error", repr(exc)))
-            continue
-        try:
-            reply = ("ok", fn(*args))
-        except BaseException as exc:  # noqa: BLE001
-            reply = ("error", repr(exc))
-        replies.send(reply)
-
-
-def _start_worker() -> tuple[Any, Any, Any, int]:
-    from multiprocessing.connection import Connection
-
-    request_r, request_w = os.pipe()
-    reply_r, reply_w = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, str(request_r), str(reply_w)],
-            pass_fds=(request_r, reply_w),
-            stdin=subprocess.DEVNULL,
-        )
-    except BaseException:
-        for fd in (request_w, reply_r):
-            os.close(fd)
-        raise
-    finally:
-        os.close(request_r)  # the child's ends: with only the child holding them, either side
-        os.close(reply_w)  # sees EOF when the other exits
-    requests = Connection(request_w, readable=False)
-    replies = Connection(reply_r, writable=False)
-    try:
-        requests.send(list(sys.path))
-        if not replies.poll(_WORKER_START_TIMEOUT):
-            raise RuntimeError("equivalence worker did not start in time")
-        replies.recv()  # "ready"
-    except BaseException:
-        requests.close()
-        replies.close()
-        proc.kill()
-        proc.wait(5)
-        raise
-    return proc, requests, replies, os.getpid()
-
-
-def _discard_worker() -> None:
-    """Kill and forget the worker (caller holds the lock). The next request starts a new one."""
-    global _worker
-    worker, _worker = _worker, None
-    if worker is None:
-        return
-    proc, requests, replies, owner = worker
-    if owner != os.getpid():  # inherited through fork: the parent's worker, not ours to kill
-        return
-    requests.close()
-    replies.close()
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-def shutdown_worker() -> None:
-    """Stop the equivalence worker process, if any (also run at interpreter exit)."""
-    with _worker_lock:
-        _discard_worker()
-
-
-def _forget_worker_after_fork() -> None:
-    # A forked child inherits the handle of the parent's worker and maybe a held lock. It drops
-    # its copies of the pipe ends (so the worker still sees EOF when the parent dies) and
-    # starts its own worker if it needs one; the parent's worker is not its to kill.
-    global _worker, _worker_lock
-    worker, _worker = _worker, None
-    _worker_lock = threading.Lock()
-    if worker is not None:
-        for conn in worker[1:3]:
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-
-atexit.register(shutdown_worker)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_worker_after_fork)
-
-
-def _call_in_worker(fn: Callable, args: tuple, timeout: float) -> tuple[str, Any]:
-    """Run ``fn(*args)`` in the worker: ``("ok", result)``, ``("error", msg)`` or ``("timeout", None)``.
-
-    ``fn`` must be importable by name (it is pickled by reference). The lock gives each caller
-    the worker to itself, so the limit counts only its own work, not time spent queueing
-    behind another thread or starting the worker. Raises if the worker cannot start.
-    """
-    global _worker
-    with _worker_lock:
-        if _worker is not None and _worker[3] != os.getpid():
-            _worker = None
-        if _worker is None:
-            _worker = _start_worker()
-        _, requests, replies, _ = _worker
-        try:
-            requests.send((fn, args))
-            if replies.poll(timeout):
-                return replies.recv()
-        except (EOFError, OSError) as exc:  # the worker died (e.g. out of memory)
-            _discard_worker()
-            return ("error", repr(exc))
-        _discard_worker()  # stuck: killing it is the only reliable way to stop sympy
-        return ("timeout", None)
 
 
 def _symbolic_equal(x: str, y: str, timeout: float | None) -> bool:
@@ -556,7 +404,7 @@ def _symbolic_equal(x: str, y: str, timeout: float | None) -> bool:
         return bool(_SYMBOLIC_TARGET(x, y))
     if _worker_unavailable is None:
         try:
-            status, result = _call_in_worker(_SYMBOLIC_TARGET, (x, y), timeout)
+            status, result = verify_worker._call_in_worker(_SYMBOLIC_TARGET, (x, y), timeout)
             return status == "ok" and bool(result)
         except Exception as exc:  # noqa: BLE001 -- e.g. inside a daemonic process: no children
             _worker_unavailable = repr(exc)

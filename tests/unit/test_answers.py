@@ -1,4 +1,5 @@
-"""Hand-checked tests for spine_ttrl.answers: extraction, equivalence, voting."""
+"""Hand-checked tests for spine_ttrl.answers: extraction, equivalence, voting; and its math-verify
+worker process (spine_ttrl.verify_worker), reached through is_equivalent."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spine_ttrl import answers
+from spine_ttrl import answers, verify_worker
 from spine_ttrl.answers import (
     Vote,
     cluster_answers,
@@ -351,7 +352,7 @@ def _run_in_thread(fn):
 
 def test_timeout_off_main_thread(helpers, monkeypatch):
     # warm the worker so the timing below is the comparison, not the spawn
-    assert answers._call_in_worker(helpers.fast, ("a", "b"), 60) == ("ok", True)
+    assert verify_worker._call_in_worker(helpers.fast, ("a", "b"), 60) == ("ok", True)
     monkeypatch.setattr(answers, "_SYMBOLIC_TARGET", helpers.sleepy)
     answers._equivalent_normalised.cache_clear()
     value, seconds = _run_in_thread(lambda: is_equivalent("x^2", "y^3", timeout=1))
@@ -365,7 +366,7 @@ def test_timeout_off_main_thread(helpers, monkeypatch):
 
 
 def test_timeout_on_main_thread(helpers, monkeypatch):
-    assert answers._call_in_worker(helpers.fast, ("a", "b"), 60) == ("ok", True)
+    assert verify_worker._call_in_worker(helpers.fast, ("a", "b"), 60) == ("ok", True)
     monkeypatch.setattr(answers, "_SYMBOLIC_TARGET", helpers.sleepy)
     answers._equivalent_normalised.cache_clear()
     t0 = time.perf_counter()
@@ -379,7 +380,7 @@ def test_worker_errors_count_as_different(helpers, monkeypatch):
     answers._equivalent_normalised.cache_clear()
     assert is_equivalent("x^2", "y^6") is False
     # the worker survives an exception in its target
-    assert answers._call_in_worker(helpers.fast, ("a", "b"), 60) == ("ok", True)
+    assert verify_worker._call_in_worker(helpers.fast, ("a", "b"), 60) == ("ok", True)
     answers._equivalent_normalised.cache_clear()
 
 
@@ -424,7 +425,7 @@ def test_fallback_when_worker_cannot_start(monkeypatch):
         raise AssertionError("daemonic processes are not allowed to have children")
 
     answers.shutdown_worker()
-    monkeypatch.setattr(answers, "_start_worker", no_children)
+    monkeypatch.setattr(verify_worker, "_start_worker", no_children)
     monkeypatch.setattr(answers, "_worker_unavailable", None)
     answers._equivalent_normalised.cache_clear()
     with pytest.warns(RuntimeWarning, match="worker unavailable"):
@@ -447,6 +448,14 @@ def test_works_from_a_script_without_main_guard(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
+
+
+def test_worker_names_still_importable_from_answers():
+    # the worker moved to spine_ttrl.verify_worker; its public name stays importable from answers
+    from spine_ttrl.answers import shutdown_worker
+
+    assert shutdown_worker is verify_worker.shutdown_worker
+    assert "shutdown_worker" in answers.__all__
 
 
 # =====================================================================================
