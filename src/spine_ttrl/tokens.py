@@ -5,7 +5,8 @@
 ``(B, T, V)``) are pure functions over tensors. All of them work on chunks of the flattened ``B*T``
 rows, so the fp32 softmax over a 49k-152k vocabulary -- the memory peak of a policy-gradient step --
 exists for at most ``chunk_size`` rows at a time, in the forward *and* in the backward pass (the
-backward recomputes each chunk's softmax instead of keeping it).
+backward recomputes each chunk's softmax instead of keeping it). One chunk loop, :class:`_ChunkLoop`,
+serves the forward and the backward of both paths.
 
 Forking-token selection (:func:`top_entropy_mask`, :func:`entropy_threshold`, :func:`otsu_mask`) lives
 in :mod:`spine_ttrl.selection`; the three are re-exported here, so ``spine_ttrl.tokens.otsu_mask`` keeps
@@ -86,7 +87,7 @@ def _check_tokens(tokens: torch.Tensor, vocab_size: int) -> None:
         )
 
 
-# The chunk loops below write into a few (chunk, V) workspace buffers allocated once per call and
+# The chunk loop below writes into a few (chunk, V) workspace buffers allocated once per call and
 # reused for every chunk (``out=`` and in-place ops). Measured on CPU: a fresh 50 MB tensor per
 # elementwise op costs 2-3x the op itself (page faults on first touch, since glibc hands large
 # blocks straight back to the OS), so a naive chunk loop was ~2x slower than the full-logits path.
@@ -153,6 +154,82 @@ def _scaled_chunk(chunk, temperature, sdt, buf):
     return z if temperature is None else z.div_(temperature)
 
 
+def _scaled_output_grads(g_lp, g_ent, sdt, temperature):
+    """Incoming gradients in the softmax dtype, times 1 / T: the chain rule through z = logits / T."""
+    scale = 1.0 if temperature is None else 1.0 / temperature
+    g_lp = None if g_lp is None else g_lp.to(sdt) * scale
+    g_ent = None if g_ent is None else g_ent.to(sdt) * scale
+    return g_lp, g_ent
+
+
+class _ChunkLoop:
+    """The one chunk loop over N rows, shared by the forward and backward of both autograd functions.
+
+    For each slice ``[s, e)`` of at most ``chunk_size`` rows:
+
+        x = rows_of(s, e)                       the source rows: logits (c, V), or hidden (c, D)
+        logits = to_logits(x, out)              x itself, or x @ W^T + b into ``out`` (the zc buffer)
+        z = logits / T                          in the softmax dtype (:func:`_scaled_chunk`)
+
+    then :meth:`forward` stores logp_y and H of z, and :meth:`grads` yields grad_z. The (chunk, V)
+    workspace -- ``logp`` and ``p`` (softmax dtype), ``guard`` (bool, only when -inf logits are
+    possible) and ``zc`` (compute dtype, for a matmul's output; ``p`` shares it when the dtypes
+    agree) -- is allocated once here and reused by every chunk.
+    """
+
+    def __init__(self, like, n, vocab, chunk_size, temperature, sdt, *, guard, cdt=None):
+        rows = min(chunk_size, n)
+        self.n, self.chunk_size, self.temperature, self.sdt = n, chunk_size, temperature, sdt
+        self.zc = None if cdt is None else like.new_empty(rows, vocab, dtype=cdt)
+        self.logp = like.new_empty(rows, vocab, dtype=sdt)
+        self.p = self.zc if cdt == sdt else like.new_empty(rows, vocab, dtype=sdt)
+        self.guard = like.new_empty(rows, vocab, dtype=torch.bool) if guard else None
+
+    def chunks(self, rows_of, to_logits):
+        """Yield ``(s, e, x, z)`` per chunk: its rows, its source rows x and its scaled logits z."""
+        for s in range(0, self.n, self.chunk_size):
+            e = min(s + self.chunk_size, self.n)
+            m = e - s
+            x = rows_of(s, e)
+            logits = to_logits(x, None if self.zc is None else self.zc[:m])
+            yield s, e, x, _scaled_chunk(logits, self.temperature, self.sdt, self.p[:m])
+
+    def forward(self, rows_of, to_logits, tokens, lp, ent):
+        """Write logp_y into ``lp`` (N,) and H into ``ent`` (N,); either may be None (not needed)."""
+        for s, e, _, z in self.chunks(rows_of, to_logits):
+            m = e - s
+            guard = None if self.guard is None else self.guard[:m]
+            tok = None if lp is None else tokens[s:e]
+            c_lp, c_ent = _chunk_forward(z, self.logp[:m], self.p[:m], tok, ent is not None, guard)
+            if lp is not None:
+                lp[s:e] = c_lp
+            if ent is not None:
+                ent[s:e] = c_ent
+
+    def grads(self, rows_of, to_logits, ent, tokens, g_lp, g_ent):
+        """Yield ``(s, e, x, grad_z)`` per chunk (:func:`_chunk_grad_logits`; grad_z lives in a buffer).
+
+        ``g_lp`` / ``g_ent`` (N,) come from :func:`_scaled_output_grads`; None = that output unused.
+        """
+        for s, e, x, z in self.chunks(rows_of, to_logits):
+            m = e - s
+            yield s, e, x, _chunk_grad_logits(
+                z,
+                self.logp[:m],
+                self.p[:m],
+                None if g_ent is None else ent[s:e],
+                None if g_lp is None else tokens[s:e],
+                None if g_lp is None else g_lp[s:e],
+                None if g_ent is None else g_ent[s:e],
+                None if self.guard is None else self.guard[:m],
+            )
+
+
+def _same_logits(x, out):
+    """``to_logits`` of the logits path: the rows are the logits already."""
+    return x
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics from (B, T, V) logits
 # ---------------------------------------------------------------------------------------------
@@ -172,27 +249,10 @@ class _LogitsStats(torch.autograd.Function):
         n, vocab = logits.shape
         lp = logits.new_empty(n if need_lp else 0, dtype=sdt)
         ent = logits.new_empty(n if need_entropy else 0, dtype=sdt)
-        rows = min(chunk_size, n)
-        logp_buf = logits.new_empty(rows, vocab, dtype=sdt)
-        p_buf = logits.new_empty(rows, vocab, dtype=sdt)
         # user logits may hold -inf (masked vocabulary): guard p * log p
-        guard_buf = logits.new_empty(rows, vocab, dtype=torch.bool) if need_entropy else None
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            m = e - s
-            z = _scaled_chunk(logits[s:e], temperature, sdt, p_buf[:m])
-            c_lp, c_ent = _chunk_forward(
-                z,
-                logp_buf[:m],
-                p_buf[:m],
-                tokens[s:e] if need_lp else None,
-                need_entropy,
-                None if guard_buf is None else guard_buf[:m],
-            )
-            if need_lp:
-                lp[s:e] = c_lp
-            if need_entropy:
-                ent[s:e] = c_ent
+        loop = _ChunkLoop(logits, n, vocab, chunk_size, temperature, sdt, guard=need_entropy)
+        rows_of = lambda s, e: logits[s:e]  # noqa: E731
+        loop.forward(rows_of, _same_logits, tokens, lp if need_lp else None, ent if need_entropy else None)
         ctx.save_for_backward(logits, tokens if need_lp else None, ent if need_entropy else None)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         ctx.set_materialize_grads(False)  # None = "this output is unused": skip its terms
@@ -210,29 +270,12 @@ class _LogitsStats(torch.autograd.Function):
             return None, None, None, None, None, None
         sdt = _softmax_dtype(logits.dtype)
         n, vocab = logits.shape
-        cs, tau = ctx.chunk_size, ctx.temperature
-        scale = 1.0 if tau is None else 1.0 / tau  # chain rule through z = logits / T
-        g_lp = None if g_lp is None else g_lp.to(sdt) * scale
-        g_ent = None if g_ent is None else g_ent.to(sdt) * scale
+        g_lp, g_ent = _scaled_output_grads(g_lp, g_ent, sdt, ctx.temperature)
         grad_logits = torch.empty_like(logits)
-        rows = min(cs, n)
-        logp_buf = logits.new_empty(rows, vocab, dtype=sdt)
-        p_buf = logits.new_empty(rows, vocab, dtype=sdt)
-        guard_buf = logits.new_empty(rows, vocab, dtype=torch.bool) if g_ent is not None else None
-        for s in range(0, n, cs):
-            e = min(s + cs, n)
-            m = e - s
-            z = _scaled_chunk(logits[s:e], tau, sdt, p_buf[:m])
-            grad_logits[s:e] = _chunk_grad_logits(
-                z,
-                logp_buf[:m],
-                p_buf[:m],
-                None if g_ent is None else ent[s:e],
-                None if g_lp is None else tokens[s:e],
-                None if g_lp is None else g_lp[s:e],
-                None if g_ent is None else g_ent[s:e],
-                None if guard_buf is None else guard_buf[:m],
-            )
+        loop = _ChunkLoop(logits, n, vocab, ctx.chunk_size, ctx.temperature, sdt, guard=g_ent is not None)
+        rows_of = lambda s, e: logits[s:e]  # noqa: E731
+        for s, e, _, grad in loop.grads(rows_of, _same_logits, ent, tokens, g_lp, g_ent):
+            grad_logits[s:e] = grad
         return grad_logits, None, None, None, None, None
 
 
@@ -348,20 +391,12 @@ class _LinearLogitsStats(torch.autograd.Function):
         w, b = weight.to(cdt), None if bias is None else bias.to(cdt)
         lp = hidden.new_empty(n, dtype=sdt)
         ent = hidden.new_empty(n, dtype=sdt)
-        rows = min(chunk_size, n)
-        zc = hidden.new_empty(rows, vocab, dtype=cdt)  # matmul output
-        logp_buf = hidden.new_empty(rows, vocab, dtype=sdt)
-        p_buf = zc if cdt == sdt else hidden.new_empty(rows, vocab, dtype=sdt)
-        guard_buf = hidden.new_empty(rows, vocab, dtype=torch.bool) if guard else None
+        loop = _ChunkLoop(hidden, n, vocab, chunk_size, temperature, sdt, guard=guard, cdt=cdt)
+        rows_of = lambda s, e: hidden[s:e].to(cdt)  # noqa: E731
+        to_logits = lambda h, out: _linear_into(h, w, b, out)  # noqa: E731
         # Autocast is handled by hand (cdt chosen by the caller); keep it from re-casting our ops.
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, n, chunk_size):
-                e = min(s + chunk_size, n)
-                m = e - s
-                z = _linear_into(hidden[s:e].to(cdt), w, b, zc[:m])
-                z = _scaled_chunk(z, temperature, sdt, p_buf[:m])
-                guard_m = None if guard_buf is None else guard_buf[:m]
-                lp[s:e], ent[s:e] = _chunk_forward(z, logp_buf[:m], p_buf[:m], tokens[s:e], True, guard_m)
+            loop.forward(rows_of, to_logits, tokens, lp, ent)
         ctx.save_for_backward(hidden, weight, bias, tokens, ent)
         ctx.chunk_size, ctx.temperature, ctx.cdt, ctx.guard = chunk_size, temperature, cdt, guard
         ctx.set_materialize_grads(False)  # None = "this output is unused": skip its terms
@@ -374,11 +409,9 @@ class _LinearLogitsStats(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if (g_lp is None and g_ent is None) or not (need_h or need_w or need_b):
             return None, None, None, None, None, None, None, None
-        cdt, sdt, cs, tau = ctx.cdt, ent.dtype, ctx.chunk_size, ctx.temperature
+        cdt, sdt = ctx.cdt, ent.dtype
         n, vocab = hidden.shape[0], weight.shape[0]
-        scale = 1.0 if tau is None else 1.0 / tau  # chain rule through z = (h W^T + b) / T
-        g_lp = None if g_lp is None else g_lp.to(sdt) * scale
-        g_ent = None if g_ent is None else g_ent.to(sdt) * scale
+        g_lp, g_ent = _scaled_output_grads(g_lp, g_ent, sdt, ctx.temperature)  # z = (h W^T + b) / T
         w, b = weight.to(cdt), None if bias is None else bias.to(cdt)
         grad_h = hidden.new_empty(hidden.shape, dtype=cdt) if need_h else None
         # grad_W and grad_b are sums over all rows: accumulate in the softmax dtype (fp32) even when
@@ -387,32 +420,16 @@ class _LinearLogitsStats(torch.autograd.Function):
         # bf16 matmuls: each chunk's grad_W lands in one reused V x D buffer before the fp32 sum.
         grad_w_chunk = torch.empty(weight.shape, dtype=cdt, device=weight.device) if need_w and cdt != sdt else None
         grad_b = torch.zeros(bias.shape, dtype=sdt, device=bias.device) if need_b else None
-        rows = min(cs, n)
-        zc = hidden.new_empty(rows, vocab, dtype=cdt)
-        logp_buf = hidden.new_empty(rows, vocab, dtype=sdt)
-        p_buf = zc if cdt == sdt else hidden.new_empty(rows, vocab, dtype=sdt)
         guard = ctx.guard and g_ent is not None
-        guard_buf = hidden.new_empty(rows, vocab, dtype=torch.bool) if guard else None
+        loop = _ChunkLoop(hidden, n, vocab, ctx.chunk_size, ctx.temperature, sdt, guard=guard, cdt=cdt)
+        rows_of = lambda s, e: hidden[s:e].to(cdt)  # noqa: E731
+        to_logits = lambda h, out: _linear_into(h, w, b, out)  # noqa: E731
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, n, cs):
-                e = min(s + cs, n)
-                m = e - s
-                h = hidden[s:e].to(cdt)
-                z = _scaled_chunk(_linear_into(h, w, b, zc[:m]), tau, sdt, p_buf[:m])
-                g = _chunk_grad_logits(
-                    z,
-                    logp_buf[:m],
-                    p_buf[:m],
-                    None if g_ent is None else ent[s:e],
-                    None if g_lp is None else tokens[s:e],
-                    None if g_lp is None else g_lp[s:e],
-                    None if g_ent is None else g_ent[s:e],
-                    None if guard_buf is None else guard_buf[:m],
-                )
+            for s, e, h, g in loop.grads(rows_of, to_logits, ent, tokens, g_lp, g_ent):
                 if need_b:
                     grad_b += g.sum(0)
                 # The matmuls run in the compute dtype, as the forward's did (zc is free by now).
-                gc = g if cdt == sdt else zc[:m].copy_(g)
+                gc = g if cdt == sdt else loop.zc[: e - s].copy_(g)
                 if need_h:
                     torch.mm(gc, w, out=grad_h[s:e])  # (c, V) @ (V, D)
                 if need_w:
