@@ -8,14 +8,15 @@ question, completion length, ``\\boxed{}`` format rate) are reported.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .answers import cluster_answers, extract_answer, is_equivalent, majority_vote
 from .data import Example
 from .evaluate import mean_and_stderr, pass_at_k
-from .sampling import sample
+from .engine import SamplingParams
+from .engine.builtin import builtin_sampler, eos_token_ids  # noqa: F401  (eos_token_ids: public here too)
 
 
 @dataclass
@@ -41,25 +42,21 @@ def _add(metrics: dict, name: str, values: Sequence[float], with_se: bool = True
 
 
 def evaluate_prompts(
-    model,
-    tokenizer,
+    sampler,
     examples: Sequence[Example],
     prompt_ids: Sequence[Sequence[int]],
     task: str,
+    params: SamplingParams,
     *,
-    max_new_tokens: int,
-    num_samples: int = 4,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
     greedy: bool = True,
     seed: int = 0,
-    batch_size: int = 64,
-    autocast_dtype: torch.dtype | None = None,
     progress=None,
 ) -> EvalResult:
-    """Score ``model`` on already-encoded prompts.
+    """Score the model behind ``sampler`` (a :class:`~spine_ttrl.engine.Sampler`) on encoded prompts.
 
-    Metrics (``eval/`` prefix added by the caller):
+    ``params``: the sampled evaluation's settings (``num_samples`` = k, 0 = greedy only,
+    temperature, top-p, ``max_new_tokens``, ``batch_size``); the greedy pass uses the same
+    length budget at temperature 0. Metrics (``eval/`` prefix added by the caller):
 
     - ``greedy_pass@1``: share of questions whose greedy (temperature 0) answer is correct.
     - ``avg@k``: mean over questions of the share of k sampled answers that are correct.
@@ -74,79 +71,62 @@ def evaluate_prompts(
     Sampling uses its own generator seeded with ``seed``, so two evaluations with the same
     seed (before and after adaptation) draw the same random stream: a paired comparison.
     """
-    tok_eos = eos_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(tok_eos))
-    labels = [ex.answer for ex in examples]
-    labelled = any(a is not None for a in labels)
     metrics: dict[str, float] = {"questions": float(len(examples))}
     records = [{"id": ex.id, "label": ex.answer} for ex in examples]
-
+    prompts = [list(p) for p in prompt_ids]
     if greedy and examples:
-        roll = sample(model, [list(p) for p in prompt_ids], num_samples=1, max_new_tokens=max_new_tokens,
-                      temperature=0.0, eos_token_ids=tok_eos, pad_token_id=pad, batch_size=batch_size,
-                      progress=progress, tokenizer=tokenizer, autocast_dtype=autocast_dtype)
-        lengths = roll.completion_mask.sum(dim=1).tolist()
-        answers = [extract_answer(t, task) for t in roll.texts]
-        for rec, text, ans, n in zip(records, roll.texts, answers, lengths):
-            rec.update(greedy_answer=ans, greedy_length=n, greedy_text=text)
-            if rec["label"] is not None:
-                rec["greedy_correct"] = bool(ans is not None and is_equivalent(ans, rec["label"], task))
-        _add(metrics, "greedy_length", lengths, with_se=False)
-        _add(metrics, "greedy_boxed_rate", [float(has_boxed(t)) for t in roll.texts], with_se=False)
-        _add(metrics, "greedy_parsed_rate", [float(a is not None) for a in answers], with_se=False)
-        _add(metrics, "greedy_truncated_rate", roll.truncated.float().tolist(), with_se=False)
-        if labelled:
-            _add(metrics, "greedy_pass@1", [float(r["greedy_correct"]) for r in records if "greedy_correct" in r])
-
-    if num_samples > 0 and examples:
+        roll = sampler.generate(prompts, replace(params, num_samples=1, temperature=0.0, top_p=1.0,
+                                                 return_entropy=False), progress=progress)
+        _greedy_metrics(roll, records, metrics, task)
+    if params.num_samples > 0 and examples:
         gen = torch.Generator().manual_seed(seed)
-        roll = sample(model, [list(p) for p in prompt_ids], num_samples=num_samples, max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_p=top_p, eos_token_ids=tok_eos, pad_token_id=pad,
-                      generator=gen, batch_size=batch_size, progress=progress, tokenizer=tokenizer,
-                      autocast_dtype=autocast_dtype)
-        k = num_samples
-        lengths = roll.completion_mask.sum(dim=1).tolist()
-        answers = [extract_answer(t, task) for t in roll.texts]
-        ratios, distinct, avg, maj, passk = [], [], [], [], []
-        for q, rec in enumerate(records):
-            ans_q = answers[q * k:(q + 1) * k]
-            vote = majority_vote(ans_q, task)
-            ratios.append(vote.ratio)
-            distinct.append(float(len({c for c in cluster_answers(ans_q, task) if c is not None})))
-            rec.update(sample_answers=ans_q, majority=vote.label, majority_ratio=vote.ratio)
-            if rec["label"] is not None:
-                correct = [a is not None and is_equivalent(a, rec["label"], task) for a in ans_q]
-                c = sum(correct)
-                rec.update(samples_correct=c, maj_correct=bool(vote.label is not None and is_equivalent(vote.label, rec["label"], task)))
-                avg.append(c / k)
-                maj.append(float(rec["maj_correct"]))
-                passk.append(pass_at_k(k, c, k))
-        _add(metrics, "sample_length", lengths, with_se=False)
-        _add(metrics, "sample_boxed_rate", [float(has_boxed(t)) for t in roll.texts], with_se=False)
-        _add(metrics, "sample_truncated_rate", roll.truncated.float().tolist(), with_se=False)
-        _add(metrics, "majority_ratio", ratios)
-        _add(metrics, "distinct_answers", distinct)
-        if labelled:
-            _add(metrics, f"avg@{k}", avg)
-            _add(metrics, f"maj@{k}", maj)
-            _add(metrics, f"pass@{k}", passk)
+        roll = sampler.generate(prompts, replace(params, return_entropy=False), generator=gen, progress=progress)
+        _sampled_metrics(roll, records, metrics, task, params.num_samples)
     return EvalResult(metrics=metrics, records=records)
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
-    """All token ids that end a completion: the tokenizer's EOS and the generation config's."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_cfg = getattr(model, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif eos:
-        ids.update(int(e) for e in eos)
-    if not ids:
-        raise ValueError("the tokenizer defines no EOS token: cannot tell where a completion ends")
-    return ids
+def _greedy_metrics(roll, records: list[dict], metrics: dict, task: str) -> None:
+    lengths = roll.completion_mask.sum(dim=1).tolist()
+    answers = [extract_answer(t, task) for t in roll.texts]
+    for rec, text, ans, n in zip(records, roll.texts, answers, lengths):
+        rec.update(greedy_answer=ans, greedy_length=n, greedy_text=text)
+        if rec["label"] is not None:
+            rec["greedy_correct"] = bool(ans is not None and is_equivalent(ans, rec["label"], task))
+    _add(metrics, "greedy_length", lengths, with_se=False)
+    _add(metrics, "greedy_boxed_rate", [float(has_boxed(t)) for t in roll.texts], with_se=False)
+    _add(metrics, "greedy_parsed_rate", [float(a is not None) for a in answers], with_se=False)
+    _add(metrics, "greedy_truncated_rate", roll.truncated.float().tolist(), with_se=False)
+    if any(r["label"] is not None for r in records):
+        _add(metrics, "greedy_pass@1", [float(r["greedy_correct"]) for r in records if "greedy_correct" in r])
+
+
+def _sampled_metrics(roll, records: list[dict], metrics: dict, task: str, k: int) -> None:
+    lengths = roll.completion_mask.sum(dim=1).tolist()
+    answers = [extract_answer(t, task) for t in roll.texts]
+    ratios, distinct, avg, maj, passk = [], [], [], [], []
+    for q, rec in enumerate(records):
+        ans_q = answers[q * k:(q + 1) * k]
+        vote = majority_vote(ans_q, task)
+        ratios.append(vote.ratio)
+        distinct.append(float(len({c for c in cluster_answers(ans_q, task) if c is not None})))
+        rec.update(sample_answers=ans_q, majority=vote.label, majority_ratio=vote.ratio)
+        if rec["label"] is not None:
+            correct = [a is not None and is_equivalent(a, rec["label"], task) for a in ans_q]
+            c = sum(correct)
+            rec.update(samples_correct=c,
+                       maj_correct=bool(vote.label is not None and is_equivalent(vote.label, rec["label"], task)))
+            avg.append(c / k)
+            maj.append(float(rec["maj_correct"]))
+            passk.append(pass_at_k(k, c, k))
+    _add(metrics, "sample_length", lengths, with_se=False)
+    _add(metrics, "sample_boxed_rate", [float(has_boxed(t)) for t in roll.texts], with_se=False)
+    _add(metrics, "sample_truncated_rate", roll.truncated.float().tolist(), with_se=False)
+    _add(metrics, "majority_ratio", ratios)
+    _add(metrics, "distinct_answers", distinct)
+    if avg:
+        _add(metrics, f"avg@{k}", avg)
+        _add(metrics, f"maj@{k}", maj)
+        _add(metrics, f"pass@{k}", passk)
 
 
 def evaluate_model(
@@ -180,8 +160,8 @@ def evaluate_model(
         print(res.metrics["greedy_pass@1"], res.metrics["greedy_pass@1_se"])
     """
     from .data import load_examples, resolve_task
-    from .loop import autocast_dtype_for
-    from .models import load_model_and_tokenizer
+    from .engine.models import load_model_and_tokenizer
+    from .engine.precision import autocast_dtype_for
     from .prompting import encode_examples
 
     examples = load_examples(data) if isinstance(data, str) else list(data)
@@ -193,6 +173,7 @@ def evaluate_model(
     examples, prompt_ids, _ = encode_examples(tokenizer, examples, task, max_prompt_tokens=max_prompt_tokens,
                                               long_prompts=long_prompts)
     model.eval()
-    return evaluate_prompts(model, tokenizer, examples, prompt_ids, task, max_new_tokens=max_new_tokens,
-                            num_samples=num_samples, temperature=temperature, top_p=top_p, greedy=greedy,
-                            seed=seed, batch_size=batch_size, autocast_dtype=autocast_dtype_for(precision))
+    sampler = builtin_sampler(model, tokenizer, autocast_dtype_for(precision))
+    params = SamplingParams(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, batch_size=batch_size)
+    return evaluate_prompts(sampler, examples, prompt_ids, task, params, greedy=greedy, seed=seed)

@@ -23,8 +23,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from spine_ttrl import models  # noqa: E402
-from spine_ttrl.models import (  # noqa: E402
+from spine_ttrl.engine import models  # noqa: E402
+from spine_ttrl.engine.models import (  # noqa: E402
     EMBEDDED_MODEL,
     embedded_gguf_path,
     forward_hidden,
@@ -33,7 +33,7 @@ from spine_ttrl.models import (  # noqa: E402
     position_ids_from_mask,
     resolve_model_path,
 )
-from spine_ttrl.sampling import sample  # noqa: E402
+from spine_ttrl.engine.sampling import sample  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

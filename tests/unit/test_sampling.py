@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from spine_ttrl.models import forward_hidden, output_head, position_ids_from_mask  # noqa: E402
+from spine_ttrl.engine.models import forward_hidden, output_head, position_ids_from_mask  # noqa: E402
 from spine_ttrl.sampling import Rollout, cache_frozen_casts, sample, select_cache_rows, top_p_filter  # noqa: E402
 
 PAD = 0
@@ -162,7 +162,7 @@ def test_finished_rows_are_pruned_from_the_batch(model):
 def test_select_cache_rows_keeps_the_right_rows(model):
     from transformers import DynamicCache
 
-    from spine_ttrl.models import cache_kwarg, output_cache
+    from spine_ttrl.engine.models import cache_kwarg, output_cache
 
     ids = torch.tensor([[1, 5, 6], [1, 7, 8], [1, 9, 10]])
     cache = output_cache(model(input_ids=ids, use_cache=True, **{cache_kwarg(model): DynamicCache()}))
@@ -355,7 +355,7 @@ def test_forward_hidden_times_head_equals_logits(tie):
 
 def test_forward_hidden_through_lora_and_gradients_flow():
     peft = pytest.importorskip("peft")
-    from spine_ttrl.models import _wrap_lora
+    from spine_ttrl.engine.models import _wrap_lora
 
     model = _wrap_lora(tiny_llama(), {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
     assert isinstance(model, peft.PeftModel)
@@ -376,7 +376,7 @@ def test_forward_hidden_through_lora_and_gradients_flow():
 
 def test_sampling_a_lora_wrapped_model():
     peft = pytest.importorskip("peft")
-    from spine_ttrl.models import _wrap_lora
+    from spine_ttrl.engine.models import _wrap_lora
 
     base = tiny_llama()
     ref = greedy(base, max_new_tokens=8)
@@ -428,8 +428,8 @@ def test_bf16_sampling_of_a_lora_model_is_unchanged_by_the_cast_cache(monkeypatc
     pytest.importorskip("peft")
     import contextlib
 
-    import spine_ttrl.sampling as sampling_mod
-    from spine_ttrl.models import _wrap_lora
+    import spine_ttrl.engine.precision as precision_mod
+    from spine_ttrl.engine.models import _wrap_lora
 
     wrapped = _wrap_lora(tiny_llama(), {"r": 4, "target_modules": "all-linear"})
     with torch.no_grad():  # non-zero LoRA B, so the adapter takes part in the draws
@@ -444,7 +444,7 @@ def test_bf16_sampling_of_a_lora_model_is_unchanged_by_the_cast_cache(monkeypatc
 
     cached = draw()
     assert [p.requires_grad for p in wrapped.parameters()] == flags
-    monkeypatch.setattr(sampling_mod, "cache_frozen_casts", lambda model, dtype: contextlib.nullcontext())
+    monkeypatch.setattr(precision_mod, "cache_frozen_casts", lambda model, dtype: contextlib.nullcontext())
     plain = draw()
     assert torch.equal(cached.completion_ids, plain.completion_ids)
 
@@ -455,7 +455,7 @@ def test_bf16_sampling_of_a_lora_model_is_unchanged_by_the_cast_cache(monkeypatc
 
 
 def test_sampler_entropies_equal_a_full_forward_over_the_completions(model):
-    from spine_ttrl.loop import build_training_batch, score_batch
+    from spine_ttrl.engine.scoring import build_training_batch, score_batch
 
     kw = dict(num_samples=3, max_new_tokens=12, temperature=0.7, pad_token_id=PAD)
     free = sample(model, PROMPTS, eos_token_ids=[], generator=torch.Generator().manual_seed(3), **kw)
@@ -515,7 +515,7 @@ def test_autocast_context_caches_frozen_casts_only_under_no_grad():
 
 
 def test_shared_rows_by_hand():
-    from spine_ttrl.loop import shared_rows
+    from spine_ttrl.engine.sampling import shared_rows
 
     ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [7, 8, 9], [0, 0, 6]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 1]])
@@ -532,7 +532,7 @@ def test_shared_prompt_scoring_equals_the_plain_pass_values_and_gradients(G):
     """Log-probs, entropies and parameter gradients of the shared-prompt pass equal those of one
     teacher-forced (B, P + T) pass, for a micro-batch mixing rows of several prompts of different
     lengths (left padding) and completions of different lengths (right padding)."""
-    from spine_ttrl.loop import build_training_batch, score_completions
+    from spine_ttrl.engine.scoring import build_training_batch, score_completions
 
     model = tiny_llama(seed=4).train()
     g = torch.Generator().manual_seed(0)
@@ -559,7 +559,7 @@ def test_shared_prompt_scoring_equals_the_plain_pass_values_and_gradients(G):
 
 
 def test_shared_prompt_scoring_with_one_token_completions():
-    from spine_ttrl.loop import build_training_batch, score_completions
+    from spine_ttrl.engine.scoring import build_training_batch, score_completions
 
     model = tiny_llama(seed=5)
     prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2
@@ -574,7 +574,7 @@ def test_shared_prompt_scoring_with_one_token_completions():
 
 
 def test_shared_prefill_draws_the_same_samples_as_one_prefill_per_row(model, monkeypatch):
-    import spine_ttrl.sampling as sampling_mod
+    import spine_ttrl.engine.sampling as sampling_mod
 
     kw = dict(num_samples=4, max_new_tokens=10, temperature=0.9, pad_token_id=PAD, eos_token_ids=[],
               return_entropy=True)
@@ -601,8 +601,8 @@ def test_a_sliding_window_model_falls_back_to_the_plain_pass_once_decided(monkey
     pass, and the prompt-only forward is tried at the first micro-batch only."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    import spine_ttrl.loop as loop_mod
-    from spine_ttrl.loop import build_training_batch, score_completions
+    import spine_ttrl.engine.scoring as loop_mod
+    from spine_ttrl.engine.scoring import build_training_batch, score_completions
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

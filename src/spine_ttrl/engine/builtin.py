@@ -1,0 +1,80 @@
+"""The built-in engine: one transformers model that samples, scores and trains in one process."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from . import BuiltinSampler
+from .models import load_model_and_tokenizer
+from .precision import autocast_dtype_for
+from .scoring import score_batch
+
+
+@dataclass
+class BuiltinEngine:
+    """The model being adapted, its tokenizer, its sampler, and the frozen reference for the KL.
+
+    ``reference`` is None when no KL term is used; with LoRA it is the model itself, run with
+    its adapter disabled (no copy), otherwise a frozen deep copy of the initial model.
+    """
+
+    model: object
+    tokenizer: object
+    sampler: object
+    autocast_dtype: torch.dtype | None
+    lora: bool
+    reference: object = None
+
+    def reference_logprobs(self, batch, micro_batch_size: int, *, temperature: float, chunk_size: int):
+        """No-grad log-probs (B, T) of the batch's completions under the initial model."""
+        with (self.model.disable_adapter() if self.lora else contextlib.nullcontext()):
+            return score_batch(self.reference, batch, micro_batch_size, temperature=temperature,
+                               chunk_size=chunk_size, amp=self.autocast_dtype)[0]
+
+
+def lora_settings(model_cfg) -> dict | None:
+    """PEFT LoRA settings from a ModelConfig (None when ``lora_r`` is 0: full fine-tuning)."""
+    if not model_cfg.lora_r:
+        return None
+    targets = model_cfg.lora_target
+    return {"r": model_cfg.lora_r, "alpha": model_cfg.lora_alpha, "dropout": model_cfg.lora_dropout,
+            "target_modules": targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]}
+
+
+def load_builtin_engine(model_cfg, *, need_reference: bool) -> BuiltinEngine:
+    """Load the model named by ``model_cfg`` (LoRA-wrapped if asked) and build its sampler."""
+    lora = lora_settings(model_cfg)
+    model, tokenizer = load_model_and_tokenizer(model_cfg.model, lora=lora)
+    amp = autocast_dtype_for(model_cfg.precision)
+    reference = None
+    if need_reference:
+        reference = model if lora is not None else copy.deepcopy(model).eval().requires_grad_(False)
+    return BuiltinEngine(model, tokenizer, builtin_sampler(model, tokenizer, amp), amp, lora is not None, reference)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """All token ids that end a completion: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    if not ids:
+        raise ValueError("the tokenizer defines no EOS token: cannot tell where a completion ends")
+    return ids
+
+
+def builtin_sampler(model, tokenizer, autocast_dtype=None) -> BuiltinSampler:
+    """The built-in sampler for a loaded model: EOS from the tokenizer and generation config, the
+    tokenizer's pad token (else the smallest EOS id)."""
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    return BuiltinSampler(model, tokenizer, eos, pad, autocast_dtype)

@@ -1,0 +1,85 @@
+"""Precision and devices: when bf16 pays, autocast contexts, and the frozen-weight cast cache.
+
+The weights stay fp32 (master weights); matmuls run under autocast in bf16 where the hardware
+has native bf16 (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX). The log-prob,
+entropy and loss arithmetic is always fp32 (see :mod:`spine_ttrl.tokens`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def bf16_supported() -> bool:
+    """True when bf16 matmuls are native here (CUDA bf16, or CPU AVX512-BF16 / AMX)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    check = getattr(cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(cpu, "_is_amx_tile_supported", None)
+    return bool((check and check()) or (amx and amx()))
+
+
+def autocast_dtype_for(precision: str) -> torch.dtype | None:
+    """The autocast dtype for a precision setting: ``fp32`` → None (plain fp32), ``bf16`` →
+    bfloat16, ``auto`` → bfloat16 where :func:`bf16_supported`, else None."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or (precision == "auto" and bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def autocast_context(dtype: torch.dtype | None, model=None, enabled: bool = True):
+    """Autocast to ``dtype`` on the model's device type (a null context if ``dtype`` is None).
+
+    Shared by sampling, scoring and the update. Entered under ``no_grad`` with a model, it also
+    lets autocast cache the low-precision copies of the model's frozen weights
+    (:func:`cache_frozen_casts`; a no-op in grad mode, so the update is unaffected).
+    ``enabled=False`` inside an enabled context switches autocast off while keeping its cast
+    cache (the cache lives until the outermost autocast context exits).
+    """
+    if dtype is None:
+        yield
+        return
+    device_type = device_of(model).type if model is not None else "cpu"
+    cache = cache_frozen_casts(model, dtype) if enabled and model is not None else contextlib.nullcontext()
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled), cache:
+        yield
+
+
+@contextlib.contextmanager
+def cache_frozen_casts(model, dtype: torch.dtype | None):
+    """Let autocast keep one low-precision copy of each frozen weight (under ``no_grad``).
+
+    Entered by :func:`autocast_context`, inside its autocast context.
+
+    Autocast caches the cast of a weight only if the weight is a leaf that requires grad; a
+    frozen fp32 weight (the base model under LoRA) is cast again at every forward, i.e. at every
+    decoding step: 1 GB of extra memory traffic per token for a 0.5B model. Inside ``no_grad``
+    no graph is built, so marking the frozen floating-point weights ``requires_grad`` for the
+    duration only switches the cache on (measured: Qwen2.5-0.5B + LoRA, 64 rows, bf16: 160 → 230
+    tokens/s). The flags are restored on exit, also on error; the cached copies live until the
+    outermost autocast context exits. A no-op without autocast (``dtype`` None) or under grad mode.
+    """
+    if dtype is None or torch.is_grad_enabled():
+        yield
+        return
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
