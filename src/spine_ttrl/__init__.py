@@ -1,15 +1,17 @@
-"""spine-ttrl: label-free test-time reinforcement learning (SPINE, TTRL and neighbours).
+"""spine-ttrl: label-free test-time reinforcement learning of language models (SPINE and TTRL).
 
-The math lives in small pure modules that import only torch and the standard library:
+The method's math lives in small pure modules (tensors and strings in, tensors and numbers out):
 
-- :mod:`spine_ttrl.answers`  -- answer extraction, equivalence (math-verify), majority vote
-- :mod:`spine_ttrl.rewards`  -- label-free rewards over whole groups of completions
-- :mod:`spine_ttrl.tokens`   -- token entropy / log-probs (chunked), forking-token selection
-- :mod:`spine_ttrl.losses`   -- GRPO advantages, clipped surrogate, entropy band, KL
-- :mod:`spine_ttrl.evaluate` -- pass@k, maj@k and friends
+- :mod:`spine_ttrl.answers`   -- answer extraction, equivalence (math-verify), majority vote
+- :mod:`spine_ttrl.rewards`   -- label-free rewards over a question's votes (``REWARDS`` table)
+- :mod:`spine_ttrl.tokens`    -- chunked token log-probs and entropies
+- :mod:`spine_ttrl.selection` -- forking-token selection (``SELECTIONS`` table)
+- :mod:`spine_ttrl.losses`    -- GRPO advantages, clipped surrogate, entropy band (``BANDS``), KL
+- :mod:`spine_ttrl.evaluate`  -- pass@k, maj@k and friends
 
-Heavy optional libraries (vLLM, TRL, PEFT) are imported only inside their adapters, so
-``import spine_ttrl`` works on a bare CPU machine.
+The loop (:mod:`spine_ttrl.loop`) drives an engine (:mod:`spine_ttrl.engine`: model loading,
+sampling, scoring). ``import spine_ttrl`` imports none of them; transformers and PEFT load only
+when a model does.
 """
 
 __version__ = "0.1.0"

@@ -12,13 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from .config import add_config_arguments, make_config, overrides_from_args
+from .config import EVAL_SETTINGS, add_config_arguments, make_config, overrides_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spine-ttrl",
-        description="Label-free test-time RL of language models: SPINE, TTRL and neighbours.",
+        description="Label-free test-time RL of language models: SPINE and TTRL in one loop.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{adapt,eval}")
     p_adapt = sub.add_parser(
@@ -35,25 +35,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a model (an HF id, a directory such as RUN/final, or the embedded "
         "default) on questions: greedy pass@1, avg@k, maj@k, pass@k with standard errors.",
     )
-    add_config_arguments(p_eval)
+    add_config_arguments(p_eval, only=EVAL_SETTINGS)
     return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    """The validated Config for parsed arguments (raises ValueError with a one-line message).
+
+    ``eval`` is the ``none`` preset with zero steps, whatever a ``--config`` file says;
+    ``--resume RUN`` without ``--config`` reads ``RUN/config.toml`` (flags still override it).
+    """
+    overrides = overrides_from_args(args)
+    if args.command == "eval":
+        overrides["preset"] = "none"
+        overrides.setdefault("optim", {})["steps"] = 0
+    config_file = args.config
+    resume = overrides.get("run", {}).get("resume")
+    if resume and not config_file:
+        config_file = str(Path(resume) / "config.toml")
+        if not Path(config_file).exists():
+            raise ValueError(f"{resume}: not a run directory (no config.toml) - nothing to resume")
+    return make_config(config_file=config_file, overrides=overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = overrides_from_args(args)
-    if args.command == "eval":
-        overrides["preset"] = "none"
-    config_file = args.config
-    resume = overrides.get("run", {}).get("resume")
-    if resume and not config_file:
-        # A resumed run keeps its own resolved settings; flags given now still override them.
-        config_file = str(Path(resume) / "config.toml")
-        if not Path(config_file).exists():
-            print(f"error: {resume}: not a run directory (no config.toml) - nothing to resume", file=sys.stderr)
-            return 2
     try:
-        cfg = make_config(config_file=config_file, overrides=overrides)
+        cfg = config_from_args(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ class SamplingConfig:
 
 @dataclass
 class SpineConfig:
+    reward: str = _f("majority", "Label-free reward of each vote: majority (1 if in the majority cluster, TTRL) or frequency (share of votes for its answer, TTRV's frequency term).", ("majority", "frequency"))
     selection: str = _f("top", "Which completion tokens get the policy gradient: all, top (top-rho entropy, v1) or otsu (v2).", ("all", "top", "otsu"))
     rho: float = _f(0.2, "Fraction of tokens selected by 'top' selection.")
     scope: str = _f("batch", "Pool over which 'top' selection ranks entropies: the optimiser batch, each question group, or each response.", ("batch", "group", "response"))
@@ -291,34 +292,80 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+#: The settings ``spine-ttrl eval`` uses (section -> fields); the others only matter for adaptation.
+EVAL_SETTINGS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "precision"),
+    "data": ("data", "task", "limit", "max_prompt_tokens", "long_prompts", "system_prompt"),
+    "sampling": ("max_new_tokens", "sample_batch_size"),
+    "eval": ("eval_limit", "eval_samples", "eval_temperature", "eval_top_p", "eval_max_new_tokens"),
+    "run": ("out", "seed", "threads", "progress"),
+}
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _field_type(cls: type, name: str) -> type:
+    hint = get_type_hints(cls)[name]
+    return ([a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is not None else [hint])[0]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, only: dict[str, tuple[str, ...]] | None = None) -> None:
     """Add one ``--flag`` per config field, help text from the field's documentation.
 
-    Defaults are left as None on the parser so that only flags the user typed override the
-    preset and the config file; the help shows each field's built-in default.
+    ``only`` restricts the flags to some fields (section -> field names) and leaves out
+    ``--preset`` (used for ``spine-ttrl eval``). Defaults are left as None on the parser so that
+    only flags the user typed override the preset and the config file; the help shows each
+    field's built-in default.
     """
     parser.add_argument("--config", help="TOML file of settings ([section] tables as in config.toml of a run).")
-    pf = next(f for f in dataclasses.fields(Config) if f.name == "preset")
-    parser.add_argument("--preset", choices=pf.metadata["choices"], default=None, help=pf.metadata["help"] + " (default: spine)")
+    if only is None:
+        pf = next(f for f in dataclasses.fields(Config) if f.name == "preset")
+        parser.add_argument("--preset", choices=pf.metadata["choices"], default=None,
+                            help=pf.metadata["help"] + " (default: spine)")
     for section, cls in _section_types().items():
+        if only is not None and section not in only:
+            continue
         group = parser.add_argument_group(section)
-        hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            hint = hints[f.name]
-            args = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) is not None else [hint]
-            typ = args[0]
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            help_text = f"{f.metadata['help']} (default: {default!r})"
+            if only is not None and f.name not in only[section]:
+                continue
+            typ = _field_type(cls, f.name)
+            help_text = f"{f.metadata['help']} (default: {_field_default(f)!r})"
             kwargs: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": None, "help": help_text}
             if typ is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
+            elif "choices" in f.metadata:
+                kwargs.update(type=typ, choices=f.metadata["choices"])
             else:
-                kwargs["type"] = typ
-                kwargs["metavar"] = typ.__name__.upper()
-                if "choices" in f.metadata:
-                    kwargs["choices"] = f.metadata["choices"]
-                    kwargs.pop("metavar")
+                kwargs.update(type=typ, metavar=typ.__name__.upper())
             group.add_argument(_flag(f.name), **kwargs)
+
+
+def configuration_markdown() -> str:
+    """``docs/configuration.md``: every setting with its flag, type, default and documentation,
+    and what each preset changes. Generated from the dataclasses (``python scripts/write_config_docs.py``)."""
+    lines = ["# Configuration", "",
+             "Every setting of `spine-ttrl adapt`, generated from the config dataclasses in",
+             "`src/spine_ttrl/config.py` (regenerate with `python scripts/write_config_docs.py`; a test fails",
+             "when this file is stale). Set a value with its flag, in a TOML file passed with `--config`",
+             "(`[section]` tables, as in a run's `config.toml`), or in Python with",
+             "`make_config(preset, overrides={section: {name: value}})`. Precedence, lowest first:",
+             "default < preset < `--config` file < flags. `spine-ttrl eval` takes the settings marked *eval*.",
+             "", "## Presets", "", "| preset | sets |", "|---|---|"]
+    for name, values in PRESETS.items():
+        sets = "; ".join(f"`{sec}.{k} = {v!r}`" for sec, kv in values.items() for k, v in kv.items())
+        lines.append(f"| `{name}` | {sets} |")
+    for section, cls in _section_types().items():
+        lines += ["", f"## `[{section}]`", "", "| setting | flag | type | default | description |", "|---|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            choices = f" One of: {', '.join(f'`{c}`' for c in f.metadata['choices'])}." if "choices" in f.metadata else ""
+            mark = " *eval*" if f.name in EVAL_SETTINGS.get(section, ()) else ""
+            text = f.metadata["help"].replace("|", "\\|")
+            lines.append(f"| `{f.name}`{mark} | `{_flag(f.name)}` | {_field_type(cls, f.name).__name__} | "
+                         f"`{_field_default(f)!r}` | {text}{choices} |")
+    return "\n".join(lines) + "\n"
 
 
 def overrides_from_args(ns: argparse.Namespace) -> dict[str, Any]:

@@ -34,6 +34,7 @@ __all__ = [
     "policy_loss",
     "kl_penalty",
     "quantile_linear",
+    "BANDS",
 ]
 
 
@@ -247,3 +248,22 @@ def kl_penalty(
     per_token = torch.exp(diff) - diff - 1
     per_token = torch.where(token_mask.bool(), per_token, torch.zeros_like(per_token))
     return per_token.sum() / normalizer
+
+
+def _no_band(entropies, fork_mask, low_q, high_q):
+    return None
+
+
+def _quantile_band(entropies, fork_mask, low_q, high_q):
+    return band_edges(entropies, fork_mask, "quantile", low_q, high_q)
+
+
+def _mad_band(entropies, fork_mask, low_q, high_q):
+    return band_edges(entropies, fork_mask, "mad", low_q, high_q)
+
+
+#: Band name (the ``--band`` setting) → edge function
+#: ``(entropies (B, T), fork_mask (B, T), low_q, high_q) -> (low (B,), high (B,))``, or None for
+#: no band. ``quantile`` and ``mad`` are :func:`band_edges` of that kind (``mad`` ignores the
+#: quantiles). A new band is one entry here and one choice in ``SpineConfig.band``.
+BANDS = {"none": _no_band, "quantile": _quantile_band, "mad": _mad_band}

@@ -9,11 +9,11 @@ derived from. Future label-free rewards (EVOL-RL novelty, ...) belong here too.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .answers import cluster_answers, winning_cluster
 
-__all__ = ["majority_rewards", "frequency_rewards"]
+__all__ = ["majority_rewards", "frequency_rewards", "REWARDS"]
 
 
 def majority_rewards(answers: Sequence[str | None], task: str = "math") -> list[float]:
@@ -42,3 +42,11 @@ def frequency_rewards(answers: Sequence[str | None], task: str = "math") -> list
     sizes = Counter(c for c in clusters if c is not None)
     n = len(answers)
     return [sizes[c] / n if c is not None else 0.0 for c in clusters]
+
+
+#: Reward name (the ``--reward`` setting) → function ``(answers, task) -> list[float]``.
+#: A new label-free reward is one entry here and one choice in ``SpineConfig.reward``.
+REWARDS: dict[str, Callable[..., list[float]]] = {
+    "majority": majority_rewards,
+    "frequency": frequency_rewards,
+}

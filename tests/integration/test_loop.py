@@ -9,7 +9,9 @@ import torch
 
 from spine_ttrl.config import make_config
 from spine_ttrl.data import generate_arith
-from spine_ttrl.loop import adapt, build_training_batch, score_batch, update_on_batch
+from spine_ttrl.engine.scoring import build_training_batch, score_batch
+from spine_ttrl.loop import adapt
+from spine_ttrl.update import update_on_batch
 from spine_ttrl.losses import group_advantages
 from spine_ttrl.models import load_model_and_tokenizer
 from spine_ttrl.prompting import encode_examples
@@ -47,7 +49,7 @@ def test_one_update_raises_logprobs_of_rewarded_completions(embedded, preset):
     before = score_batch(model, batch, 4, temperature=1.0, chunk_size=256)[0]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=0.0)
-    m = update_on_batch(model, opt, params, batch, adv, cfg.spine, cfg.optim, temperature=1.0, group_size=4)
+    m = update_on_batch(model, opt, batch, adv, cfg.spine, cfg.optim, temperature=1.0, group_size=4).metrics
     after = score_batch(model, batch, 4, temperature=1.0, chunk_size=256)[0]
     delta = ((after - before) * mask).sum(dim=1) / mask.sum(dim=1)  # mean per-token change per completion
     assert delta[:2].mean() > delta[2:].mean(), (preset, delta.tolist())

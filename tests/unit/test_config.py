@@ -92,5 +92,60 @@ def test_cli_help_shows_each_built_in_default_once():
     for name in ("adapt", "eval"):
         text = " ".join(sub.choices[name].format_help().split())  # undo line wrapping
         assert not re.search(r"\(default: [^)]*\) \(default:", text)  # argparse adding its own None
-        assert "chunk x vocabulary floats). (default: 128)" in text
-        assert text.count("(default: 128)") == 1
+        assert "Evaluate every N steps" not in text or name == "adapt"
+        if name == "adapt":
+            assert "chunk x vocabulary floats). (default: 128)" in text
+            assert text.count("(default: 128)") == 1
+        assert "Samples per question for avg@k, maj@k and pass@k (0 = greedy only). (default: 4)" in text
+
+
+def test_configuration_doc_is_generated_from_the_dataclasses():
+    from pathlib import Path
+
+    from spine_ttrl.config import configuration_markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert doc.read_text() == configuration_markdown(), (
+        "docs/configuration.md is stale: run `python scripts/write_config_docs.py`")
+    assert "`--kl-coef`" in doc.read_text() and "| `spine-v2` |" in doc.read_text()
+
+
+def test_config_choices_are_the_name_to_function_tables():
+    import dataclasses
+
+    from spine_ttrl.config import SpineConfig
+    from spine_ttrl.losses import BANDS
+    from spine_ttrl.rewards import REWARDS
+    from spine_ttrl.selection import SELECTIONS
+
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(SpineConfig)}
+    assert set(choices["reward"]) == set(REWARDS) == {"majority", "frequency"}
+    assert set(choices["band"]) == set(BANDS) == {"none", "quantile", "mad"}
+    assert set(choices["selection"]) == set(SELECTIONS) == {"all", "top", "otsu"}
+
+
+def test_eval_help_lists_evaluation_settings_only(capsys):
+    import pytest
+
+    from spine_ttrl.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--eval-samples", "--data", "--model", "--eval-temperature", "--seed"):
+        assert flag in text
+    for flag in ("--lr", "--rho", "--kl-coef", "--steps", "--preset", "--num-votes", "--lora-r", "--resume"):
+        assert flag + " " not in text and flag + "\n" not in text, flag
+    with pytest.raises(SystemExit):  # and a training flag is refused there
+        build_parser().parse_args(["eval", "--lr", "1e-3"])
+
+
+def test_eval_with_a_training_config_file_does_not_train(tmp_path):
+    from spine_ttrl.cli import build_parser, config_from_args
+
+    path = tmp_path / "c.toml"
+    path.write_text('preset = "spine"\n[optim]\nsteps = 5\n')
+    cfg = config_from_args(build_parser().parse_args(["eval", "--config", str(path)]))
+    assert cfg.preset == "none" and cfg.optim.steps == 0
+    cfg = config_from_args(build_parser().parse_args(["adapt", "--config", str(path)]))
+    assert cfg.preset == "spine" and cfg.optim.steps == 5

@@ -1,4 +1,4 @@
-"""The loop's update on a tiny random Llama: micro-batching, the skipped scoring pass, NaN guard."""
+"""One optimiser batch (spine_ttrl.update) on a tiny random Llama: micro-batching, the skipped scoring pass, NaN guard."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from spine_ttrl.config import make_config
-from spine_ttrl.loop import build_training_batch, update_on_batch
+from spine_ttrl.engine.scoring import build_training_batch
+from spine_ttrl.update import update_on_batch
 from spine_ttrl.losses import group_advantages
 from tests.unit.test_sampling import tiny_llama
 
@@ -26,8 +27,8 @@ def _update(preset, micro, updates=1, adv=None, behaviour_entropy=None, anchor=N
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-2)
     adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2) if adv is None else adv
-    m = update_on_batch(model, opt, params, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7, group_size=2,
-                        behaviour_entropy=behaviour_entropy, band_anchor=anchor)
+    m = update_on_batch(model, opt, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7, group_size=2,
+                        behaviour_entropy=behaviour_entropy, band_anchor=anchor).metrics
     return model, m
 
 
@@ -77,7 +78,7 @@ def test_sampler_entropies_replace_the_scoring_pass_exactly(preset, updates):
     # scoring-pass path, with and without micro-batching, for one and several updates.
     # (Entropies scored with the same micro-batch as the reference: bit-identical inputs, so a
     # token sitting on a band edge cannot flip sides through rounding.)
-    from spine_ttrl.loop import score_batch
+    from spine_ttrl.engine.scoring import score_batch
 
     for micro in (1, 2, 4):
         ent = score_batch(tiny_llama(seed=1).float(), _batch(), micro, temperature=0.7, chunk_size=512)[1]
@@ -94,12 +95,13 @@ def test_sampler_entropies_replace_the_scoring_pass_exactly(preset, updates):
 
 @pytest.mark.parametrize("preset", ["spine", "spine-v2"])
 def test_anchored_band_pools_the_first_batch_then_holds_the_given_edges(preset):
-    from spine_ttrl.loop import score_batch, select_tokens
+    from spine_ttrl.engine.scoring import score_batch
+    from spine_ttrl.selection import select_tokens
     from spine_ttrl.losses import pooled_band_edges
 
     ent = score_batch(tiny_llama(seed=1).float(), _batch(), 4, temperature=0.7, chunk_size=512)[1]
     cfg = make_config(preset, overrides={"spine": {"band_anchor": "first"}})
-    fork = select_tokens(ent, _batch()[4], cfg.spine, 2)
+    fork = select_tokens(cfg.spine.selection, ent, _batch()[4], rho=cfg.spine.rho, scope=cfg.spine.scope, group_size=2)
     lo, hi = pooled_band_edges(ent, fork, cfg.spine.band, cfg.spine.band_low_q, cfg.spine.band_high_q)
     # first update: the edges are pooled over the batch's forks and reported for the caller
     _, m = _update(preset, 2, behaviour_entropy=ent, band_anchor="first")
@@ -121,7 +123,7 @@ def test_behaviour_entropy_of_the_wrong_shape_is_refused():
 
 
 def test_make_optimizer_is_fused_adamw_with_the_same_step_as_the_loop_version():
-    from spine_ttrl.loop import make_optimizer
+    from spine_ttrl.update import make_optimizer
 
     o = make_config("spine", overrides={"optim": {"lr": 1e-2, "weight_decay": 0.1}}).optim
     a, b = tiny_llama(seed=1).float(), tiny_llama(seed=1).float()
@@ -150,9 +152,8 @@ def test_model_positions_count_a_shared_prompt_once_per_micro_batch():
     for micro in (4, 2):
         cfg.optim.micro_batch_size = micro
         model = tiny_llama(seed=1)
-        params = list(model.parameters())
-        m = update_on_batch(model, torch.optim.SGD(params, lr=1e-3), params, batch, adv, cfg.spine, cfg.optim,
-                            temperature=0.7, group_size=2)
+        m = update_on_batch(model, torch.optim.SGD(list(model.parameters()), lr=1e-3), batch, adv, cfg.spine,
+                            cfg.optim, temperature=0.7, group_size=2).metrics
         counts[micro] = m["tokens/model_positions"]
     # one micro-batch: 2 distinct prompts x 3 columns + 4 rows x (T=4 - 1) completion inputs
     assert counts[4] == 2 * 3 + 4 * 3

@@ -1,0 +1,83 @@
+"""One step's vote: extract answers, vote per question, reward, and keep the trained subset.
+
+Labels, where the data has them, are used only for diagnostics (label accuracy, reward
+accuracy, sampled accuracy), never in the reward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .answers import Vote, extract_answer, is_equivalent, majority_vote
+
+
+@dataclass
+class StepVotes:
+    """The outcome of one step's votes (rows ``j*N .. j*N+N-1`` answer question j, N votes).
+
+    ``answers``: extracted answer per row (None = unparsed); ``votes``: the :class:`Vote` of each
+    question; ``keep_rows`` / ``rewards``: the rows kept for the update (G per voted question,
+    in row order within a question) and their rewards; ``skipped``: questions where nothing
+    parsed (no pseudo-label, not trained). Diagnostics with labels: ``label_hits`` (majority
+    equals label, per voted question), ``sample_hits`` (each vote correct), ``reward_hits``
+    (reward agrees with the true reward, for binary rewards only).
+    """
+
+    answers: list[str | None]
+    votes: list[Vote] = field(default_factory=list)
+    keep_rows: list[int] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    skipped: int = 0
+    label_hits: list[float] = field(default_factory=list)
+    reward_hits: list[float] = field(default_factory=list)
+    sample_hits: list[float] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """``reward/*``, ``vote/*`` and ``questions/skipped`` (see docs/metrics.md)."""
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        m = {"reward/mean": mean(self.rewards) if self.rewards else float("nan"),
+             "vote/majority_ratio": mean([v.ratio for v in self.votes]),
+             "vote/parsed_fraction": sum(a is not None for a in self.answers) / len(self.answers),
+             "questions/skipped": float(self.skipped)}
+        for key, hits in (("vote/label_accuracy", self.label_hits), ("reward/accuracy", self.reward_hits),
+                          ("vote/sample_accuracy", self.sample_hits)):
+            if hits:
+                m[key] = mean(hits)
+        return m
+
+
+def vote_and_reward(texts: Sequence[str], labels: Sequence[str | None], *, num_votes: int, num_train: int,
+                    task: str, reward_fn: Callable[..., list[float]],
+                    generator: torch.Generator) -> StepVotes:
+    """Vote over each question's ``num_votes`` completions and keep ``num_train`` of them.
+
+    ``texts``: completions, question j's at rows j·N … j·N + N − 1; ``labels``: each question's
+    answer or None (diagnostics only); ``reward_fn(answers, task) -> list[float]`` one of
+    :data:`spine_ttrl.rewards.REWARDS`. The kept rows are a uniformly random subset (drawn with
+    ``generator``) chosen before any forward pass, so no compute is spent on dropped votes.
+    """
+    out = StepVotes(answers=[extract_answer(t, task) for t in texts])
+    for j, label in enumerate(labels):
+        rows = list(range(j * num_votes, (j + 1) * num_votes))
+        ans = [out.answers[r] for r in rows]
+        vote = majority_vote(ans, task)
+        out.votes.append(vote)
+        truth = None
+        if label is not None:
+            truth = [float(a is not None and is_equivalent(a, label, task)) for a in ans]
+            out.sample_hits.extend(truth)
+            if vote.label is not None:
+                out.label_hits.append(float(is_equivalent(vote.label, label, task)))
+        if vote.label is None:
+            out.skipped += 1
+            continue
+        rewards = reward_fn(ans, task)
+        if truth is not None and all(r in (0.0, 1.0) for r in rewards):
+            out.reward_hits.extend(float(r == t) for r, t in zip(rewards, truth))
+        pick = torch.randperm(num_votes, generator=generator)[:num_train].sort().values.tolist()
+        out.keep_rows.extend(rows[i] for i in pick)
+        out.rewards.extend(rewards[i] for i in pick)
+    return out
