@@ -97,6 +97,7 @@ class OptimConfig:
     schedule: str = _f("constant", "Learning-rate schedule after warm-up.", ("constant", "cosine"))
     clip_eps: float = _f(0.2, "PPO clip range epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    diagnostics: bool = _f(False, "Also log the size of each update (weight change norm, KL(new||old) on the batch after the update) and the gradient norm of each loss term separately; costs one extra no-grad pass and one backward per loss term.")
     logit_chunk_size: int = _f(128, "Rows per chunk in the chunked log-prob/entropy computation (bounds logits memory: chunk x vocabulary floats).")
 
 

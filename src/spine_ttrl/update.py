@@ -96,8 +96,9 @@ def microbatch_loss(logp, ent, rows, *, old_logp, advantages, sel: Selection, to
     """SPINE's loss on micro-batch ``rows`` (its share of the batch loss; see the module docstring).
 
     ``logp``, ``ent`` (B_mb, T) with gradient; ``old_logp``, ``ref_logp`` (B, T) no grad;
-    ``advantages`` (B,). Returns ``(loss, parts)``: ``parts`` holds the detached terms
-    ``policy``, ``band``, ``kl`` and the policy stats ``clip_fraction``, ``approx_kl``.
+    ``advantages`` (B,). Returns ``(loss, parts)``: ``parts`` holds the terms ``policy``, ``band``,
+    ``kl`` (unweighted; the loss adds ``kl_coef`` × kl) and the policy stats ``clip_fraction``,
+    ``approx_kl`` (detached).
     """
     fork_mb = sel.fork_mask[rows]
     loss_pl, stats = policy_loss(logp, old_logp[rows], advantages[rows], fork_mb, clip_eps, n_tokens)
@@ -111,7 +112,7 @@ def microbatch_loss(logp, ent, rows, *, old_logp, advantages, sel: Selection, to
         kl_mask = sel.fork_mask if sp.kl_tokens == "selected" else token_mask
         loss_kl = kl_penalty(logp, ref_logp[rows], kl_mask[rows], max(int(kl_mask.sum()), 1))
         loss = loss + sp.kl_coef * loss_kl
-    return loss, {"policy": loss_pl.detach(), "band": loss_band.detach(), "kl": loss_kl.detach(), **stats}
+    return loss, {"policy": loss_pl, "band": loss_band, "kl": loss_kl, **stats}
 
 
 @dataclass
@@ -150,44 +151,21 @@ def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: 
     the detached log-probs of the first update's gradient pass, which runs with the sampling
     weights), else one no-grad scoring pass — skipped when one micro-batch and one update let
     the gradient pass provide them. ``ref_logp`` (B, T): the frozen model's log-probs (KL on).
+    With ``o.diagnostics`` the update-size and per-term gradient metrics are added.
     """
-    token_mask = batch[4]
-    B, T = token_mask.shape
-    n_tokens = int(token_mask.sum())
     params = [p for g in optimizer.param_groups for p in g["params"]]
     t0 = time.perf_counter()
     old_logp, sel = _behaviour(model, batch, sp, o, temperature=temperature, group_size=group_size, amp=amp,
                                behaviour_entropy=behaviour_entropy, band_anchor=band_anchor)
-    fill_old = behaviour_entropy is not None
+    run = _GradientPass(model, batch, advantages, sp, o, temperature, group_size, amp, ref_logp, band_anchor,
+                        old_logp, sel, fill_old=behaviour_entropy is not None)
     m: dict[str, float] = {"time/scoring_s": time.perf_counter() - t0}
-    agg = dict.fromkeys(("loss/policy", "loss/band", "loss/kl", "policy/clip_fraction", "policy/approx_kl"), 0.0)
-    grad_norm, t_fb, t_opt, pass_stats = float("nan"), 0.0, 0.0, {}
+    before = [p.detach().clone() for p in params] if o.diagnostics else None
+    grad_norm, t_fb, t_opt = float("nan"), 0.0, 0.0
     model.train()
     for epoch in range(o.updates_per_batch):
         t0 = time.perf_counter()
-        bad = False
-        # One autocast context per update: weights are cast to the low precision once, not per
-        # micro-batch (the cast cache is dropped on exit, before the optimiser changes them).
-        with autocast_context(amp, model):
-            for rows in micro_batches(B, o.micro_batch_size):
-                lp, en, _ = score_completions(model, batch, rows, temperature=temperature,
-                                              chunk_size=o.logit_chunk_size, stats=pass_stats)
-                lp, en = pad_cols(lp.float(), T), pad_cols(en.float(), T)
-                if sel is None:  # single pass: this gradient pass is also the behaviour pass
-                    old_logp = lp.detach()
-                    sel = select_forks(en.detach(), token_mask, sp, group_size, band_anchor)
-                elif fill_old and epoch == 0:
-                    old_logp[rows] = lp.detach()
-                loss, parts = microbatch_loss(lp, en, rows, old_logp=old_logp, advantages=advantages, sel=sel,
-                                              token_mask=token_mask, ref_logp=ref_logp, sp=sp,
-                                              clip_eps=o.clip_eps, n_tokens=n_tokens)
-                if not torch.isfinite(loss):
-                    bad = True
-                    break
-                with autocast_context(amp, model, enabled=False):  # backward outside autocast, cache kept
-                    loss.backward()
-                if epoch == o.updates_per_batch - 1:
-                    _accumulate(agg, parts, len(rows) / B)
+        bad = run.accumulate_gradients(epoch, params)
         t_fb += time.perf_counter() - t0
         t0 = time.perf_counter()
         grad_norm, ok = _optimizer_step(optimizer, params, o.max_grad_norm, bad)
@@ -198,11 +176,99 @@ def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: 
             break
         t_opt += time.perf_counter() - t0
     model.eval()
-    m.update({"time/forward_backward_s": t_fb, "tokens/model_positions": float(pass_stats.get("positions", 0)),
-              "time/optimizer_s": t_opt, **agg, "optim/grad_norm": grad_norm,
+    m.update({"time/forward_backward_s": t_fb, "tokens/model_positions": float(run.stats.get("positions", 0)),
+              "time/optimizer_s": t_opt, **run.agg, "optim/grad_norm": grad_norm,
               "optim/lr": optimizer.param_groups[0]["lr"]})
-    m.update(sel.metrics(token_mask))
-    return UpdateResult(sel, m)
+    if o.diagnostics:
+        m.update(run.term_grad_norms())
+        m.update(_update_size(model, batch, run.old_logp, params, before, o, temperature, amp))
+    m.update(run.sel.metrics(batch[4]))
+    return UpdateResult(run.sel, m)
+
+
+class _GradientPass:
+    """The gradient passes of one optimiser batch: micro-batch by micro-batch, loss and backward.
+
+    Holds what the passes share (the batch, the Selection, the behaviour log-probs once known)
+    and what they accumulate (loss terms of the last update for logging, per-term gradients
+    with ``diagnostics``).
+    """
+
+    def __init__(self, model, batch, advantages, sp, o, temperature, group_size, amp, ref_logp, band_anchor,
+                 old_logp, sel, *, fill_old: bool):
+        self.model, self.batch, self.advantages, self.sp, self.o = model, batch, advantages, sp, o
+        self.temperature, self.group_size, self.amp, self.ref_logp = temperature, group_size, amp, ref_logp
+        self.band_anchor, self.old_logp, self.sel, self.fill_old = band_anchor, old_logp, sel, fill_old
+        self.token_mask = batch[4]
+        self.n_tokens = int(self.token_mask.sum())
+        self.agg = dict.fromkeys(("loss/policy", "loss/band", "loss/kl", "policy/clip_fraction",
+                                  "policy/approx_kl"), 0.0)
+        self.stats: dict[str, int] = {}
+        self.term_grads: dict[str, list[torch.Tensor]] = {}
+
+    def accumulate_gradients(self, epoch: int, params) -> bool:
+        """One update's gradient over all micro-batches into ``p.grad``; True if the loss was not finite."""
+        B, T = self.token_mask.shape
+        last = epoch == self.o.updates_per_batch - 1
+        if self.o.diagnostics:
+            self.term_grads = {}
+        # One autocast context per update: weights are cast to the low precision once, not per
+        # micro-batch (the cast cache is dropped on exit, before the optimiser changes them).
+        with autocast_context(self.amp, self.model):
+            for rows in micro_batches(B, self.o.micro_batch_size):
+                lp, en, _ = score_completions(self.model, self.batch, rows, temperature=self.temperature,
+                                              chunk_size=self.o.logit_chunk_size, stats=self.stats)
+                lp, en = pad_cols(lp.float(), T), pad_cols(en.float(), T)
+                if self.sel is None:  # single pass: this gradient pass is also the behaviour pass
+                    self.old_logp = lp.detach()
+                    self.sel = select_forks(en.detach(), self.token_mask, self.sp, self.group_size, self.band_anchor)
+                elif self.fill_old and epoch == 0:
+                    self.old_logp[rows] = lp.detach()
+                loss, parts = microbatch_loss(lp, en, rows, old_logp=self.old_logp, advantages=self.advantages,
+                                              sel=self.sel, token_mask=self.token_mask, ref_logp=self.ref_logp,
+                                              sp=self.sp, clip_eps=self.o.clip_eps, n_tokens=self.n_tokens)
+                if not torch.isfinite(loss):
+                    return True
+                with autocast_context(self.amp, self.model, enabled=False):  # backward outside autocast, cache kept
+                    if self.o.diagnostics:
+                        self._backward_by_term(parts, params)
+                    else:
+                        loss.backward()
+                if last:
+                    _accumulate(self.agg, parts, len(rows) / B)
+        return False
+
+    def _backward_by_term(self, parts: dict, params) -> None:
+        """Backward each loss term separately (policy, band, kl_coef × kl), keep each term's
+        gradient, and add their sum to ``p.grad``."""
+        terms = {"policy": parts["policy"], "band": parts["band"], "kl": self.sp.kl_coef * parts["kl"]}
+        live = {k: t for k, t in terms.items() if t.requires_grad}
+        for i, (name, term) in enumerate(live.items()):
+            grads = torch.autograd.grad(term, params, retain_graph=i < len(live) - 1, allow_unused=True)
+            acc = self.term_grads.setdefault(name, [torch.zeros_like(p) for p in params])
+            for a, g, p in zip(acc, grads, params):
+                if g is not None:
+                    a.add_(g)
+                    p.grad = g.clone() if p.grad is None else p.grad.add_(g)
+
+    def term_grad_norms(self) -> dict[str, float]:
+        """``grad/<term>_norm``: the L2 norm of each loss term's gradient (0 for an absent term)."""
+        norm = lambda gs: math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs))  # noqa: E731
+        return {f"grad/{k}_norm": norm(self.term_grads[k]) if k in self.term_grads else 0.0
+                for k in ("policy", "band", "kl")}
+
+
+def _update_size(model, batch, old_logp, params, before, o, temperature, amp) -> dict[str, float]:
+    """``update/weight_change_norm`` = ‖θ_after − θ_before‖₂ over the trained parameters, and
+    ``update/kl_new_old`` = KL(π_new ‖ π_old) per completion token, estimated on the batch's
+    sampled tokens (drawn from π_old) as the mean of r·log r, r = π_new(y_t) / π_old(y_t)."""
+    change = math.sqrt(sum(float((p.detach() - b).double().pow(2).sum()) for p, b in zip(params, before)))
+    new_logp, _ = score_batch(model, batch, o.micro_batch_size, temperature=temperature,
+                              chunk_size=o.logit_chunk_size, amp=amp)
+    mask = batch[4]
+    log_r = (new_logp - old_logp)[mask].double()
+    kl = float((log_r.exp() * log_r).mean()) if mask.any() else float("nan")
+    return {"update/weight_change_norm": change, "update/kl_new_old": kl}
 
 
 def _accumulate(agg: dict, parts: dict, weight: float) -> None:

@@ -120,7 +120,7 @@ def _objective(model, ref_model, batch, preset, kl_coef, beta=1.0):
         kl_mask = token_mask if preset == "ttrl" else fork
         d = ref_logp - logp
         kl = ((torch.exp(d) - d - 1) * kl_mask).sum() / kl_mask.sum()
-    parts = {"policy": policy.detach(), "band": band.detach(), "kl": kl.detach()}
+    parts = {"policy": policy, "band": band, "kl": kl}
     return policy + band + kl_coef * kl, parts, H_b, ref_logp
 
 
@@ -136,6 +136,7 @@ def _check_update_against_objective(preset, kl_coef, micro):
     start = copy.deepcopy(model)
 
     loss, parts, H_b, ref_logp = _objective(model, ref_model, batch, preset, kl_coef)
+    parts_d = {k: v.detach() for k, v in parts.items()}
     grads = torch.autograd.grad(loss, list(model.parameters()))
 
     cfg = make_config(preset, overrides={"optim": {"micro_batch_size": micro, "max_grad_norm": 0.0},
@@ -148,12 +149,12 @@ def _check_update_against_objective(preset, kl_coef, micro):
     m = res.metrics
     assert torch.equal(res.selection.fork_mask, _fork_mask(preset, H_b, batch[4]))
     if preset != "ttrl":
-        assert float(parts["band"]) > 1e-3  # the band term is active in this batch: the test has teeth
+        assert float(parts_d["band"]) > 1e-3  # the band term is active in this batch: the test has teeth
     if kl_coef:
-        assert float(parts["kl"]) > 1e-4
-    assert m["loss/policy"] == pytest.approx(float(parts["policy"]), abs=1e-6)
-    assert m["loss/band"] == pytest.approx(float(parts["band"]), abs=1e-6)
-    assert m["loss/kl"] == pytest.approx(float(parts["kl"]), abs=1e-6)
+        assert float(parts_d["kl"]) > 1e-4
+    assert m["loss/policy"] == pytest.approx(float(parts_d["policy"]), abs=1e-6)
+    assert m["loss/band"] == pytest.approx(float(parts_d["band"]), abs=1e-6)
+    assert m["loss/kl"] == pytest.approx(float(parts_d["kl"]), abs=1e-6)
     total = m["loss/policy"] + m["loss/band"] + kl_coef * m["loss/kl"]
     assert total == pytest.approx(float(loss.detach()), abs=1e-6)
     # SGD with lr 1: Δθ = −∇L
@@ -188,3 +189,59 @@ def test_a_kl_on_the_wrong_tokens_is_caught(monkeypatch):
     monkeypatch.setattr(update_mod, "kl_penalty", lambda lp, ref, mask, n: real(lp, ref, torch.ones_like(mask), n))
     with pytest.raises(AssertionError):
         _check_update_against_objective("spine", 0.1, 4)
+
+
+def _norm_of_grad(term, params):
+    if not term.requires_grad:
+        return 0.0
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+
+
+@pytest.mark.parametrize("preset", ["ttrl", "spine"])
+def test_diagnostics_report_each_terms_gradient_and_the_update_size(preset):
+    kl_coef = 0.1
+    torch.manual_seed(0)
+    batch = build_training_batch(PROMPTS, COMPLETIONS, pad_id=0)
+    model = tiny_llama(seed=3).float()
+    ref_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    start = copy.deepcopy(model)
+    _, parts, H_b, ref_logp = _objective(model, ref_model, batch, preset, kl_coef)
+    params = list(model.parameters())
+    want = {"policy": _norm_of_grad(parts["policy"], params), "band": _norm_of_grad(parts["band"], params),
+            "kl": _norm_of_grad(kl_coef * parts["kl"], params)}
+
+    runs = {}
+    for diagnostics in (False, True):
+        cfg = make_config(preset, overrides={"optim": {"micro_batch_size": 2, "max_grad_norm": 0.0,
+                                                       "diagnostics": diagnostics}, "spine": {"kl_coef": kl_coef}})
+        trained = copy.deepcopy(start)
+        res = update_on_batch(trained, torch.optim.SGD(list(trained.parameters()), lr=0.5), batch,
+                              _advantages(REWARDS, 2), cfg.spine, cfg.optim, temperature=TEMPERATURE, group_size=2,
+                              behaviour_entropy=H_b, ref_logp=ref_logp)
+        runs[diagnostics] = (trained, res.metrics)
+    m = runs[True][1]
+    for term in ("policy", "band", "kl"):
+        assert m[f"grad/{term}_norm"] == pytest.approx(want[term], rel=1e-4, abs=1e-7), term
+    if preset == "ttrl":
+        assert m["grad/band_norm"] == 0.0
+    else:
+        assert m["grad/band_norm"] > 1e-3
+    # the update itself is the same with and without diagnostics
+    for a, b in zip(runs[False][0].parameters(), runs[True][0].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert m["optim/grad_norm"] == pytest.approx(runs[False][1]["optim/grad_norm"], rel=1e-5)
+    # ‖Δθ‖ is the distance the weights moved
+    with torch.no_grad():
+        moved = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(start.parameters(), runs[True][0].parameters())))
+    assert m["update/weight_change_norm"] == pytest.approx(moved, rel=1e-4)
+    # KL(new || old) on the sampled tokens: mean of r log r with r = π_new / π_old, by a full pass
+    with torch.no_grad():
+        new_logp, _ = _full_pass(runs[True][0], batch)
+        old_logp, _ = _full_pass(start, batch)
+    log_r = (new_logp - old_logp)[batch[4]].double()
+    assert m["update/kl_new_old"] == pytest.approx(float((log_r.exp() * log_r).mean()), rel=1e-3, abs=1e-7)
+    assert m["update/kl_new_old"] > 0

@@ -169,6 +169,13 @@ def test_every_update_metric_is_documented(preset):
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
-    _, m = _update(preset, 2, kl_coef=0.1)
+    model = tiny_llama(seed=1).float()
+    cfg = make_config(preset, overrides={"optim": {"micro_batch_size": 2, "diagnostics": True},
+                                         "spine": {"kl_coef": 0.1}})
+    ref_logp = torch.zeros(_batch()[4].shape) - 4.0
+    m = update_on_batch(model, torch.optim.SGD(list(model.parameters()), lr=1e-2), _batch(),
+                        group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2), cfg.spine, cfg.optim,
+                        temperature=0.7, group_size=2, ref_logp=ref_logp).metrics
+    assert "update/kl_new_old" in m and "grad/band_norm" in m
     missing = [k for k in m if f"`{k}`" not in doc]
     assert not missing, f"metrics not in docs/metrics.md: {missing}"
