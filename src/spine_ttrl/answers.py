@@ -19,13 +19,13 @@ Differences from TTRL's voting, on purpose:
 - TTRL ran sympy with no time limit. ``is_equivalent`` has a hard wall-clock limit that also
   works off the main thread (see :data:`EQUIVALENCE_TIMEOUT`).
 
-Symbolic comparison runs in one persistent worker process, which lives in
-:mod:`spine_ttrl.verify_worker` (started lazily, killed and restarted on timeout; its
-:func:`shutdown_worker` is re-exported here). It is only reached after two cheap fast paths
-(exact normalised match, plain numbers) and an LRU cache, so most comparisons in a vote never
-leave the calling process. What stays here is the policy: which function the worker runs
-(``_SYMBOLIC_TARGET``), the fallback to an in-process comparison when no worker can start,
-and the cache.
+Symbolic comparison (math-verify) runs in one persistent worker process, which lives in
+:mod:`spine_ttrl.verify_worker` together with the math-verify call itself (started lazily,
+killed and restarted on timeout; its :func:`shutdown_worker` is re-exported here). It is only
+reached after two cheap fast paths (exact normalised match, plain numbers) and an LRU cache, so
+most comparisons in a vote never leave the calling process. What stays here is the policy:
+which function the worker runs (``_SYMBOLIC_TARGET``), the fallback to an in-process comparison
+when no worker can start, and the cache.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from functools import lru_cache
 from typing import Callable, NamedTuple
 
 from . import verify_worker
-from .verify_worker import shutdown_worker  # the worker lives there; re-exported (public API)
+from .verify_worker import _verify_pair, shutdown_worker  # shutdown_worker: re-exported (public API)
 
 __all__ = [
     "TASKS",
@@ -364,30 +364,6 @@ def _numeric_equal(x: str, y: str) -> bool | None:
     if dec_a or dec_b:
         return round(va, 6) == round(vb, 6)
     return va == vb
-
-
-def _verify_pair(x: str, y: str, seconds: int | None = None) -> bool:
-    """math-verify in both directions on two normalised answers; any error counts as False.
-
-    Runs inside the worker with math-verify's own ``SIGALRM`` timeouts disabled (``seconds``
-    None: the caller enforces the limit), or inline with ``seconds`` on the main thread.
-    """
-    try:
-        from math_verify import parse, verify
-
-        # Wrapped in $...$ so parse reads the answer as LaTeX ("\frac12", "1/2", "0.5").
-        px = parse(f"${x}$", parsing_timeout=seconds)
-        py = parse(f"${y}$", parsing_timeout=seconds)
-        if not px or not py:
-            return False
-        # verify(gold, pred) is not symmetric (sets vs elements, strictness); either way counts.
-        return bool(verify(px, py, timeout_seconds=seconds) or verify(py, px, timeout_seconds=seconds))
-    except Exception:  # noqa: BLE001 -- a grader must never crash the training loop
-        return False
-    except BaseException as exc:  # math-verify's TimeoutException derives from BaseException
-        if type(exc).__name__ == "TimeoutException":
-            return False
-        raise
 
 
 # The function the worker runs for a symbolic comparison. It is sent (pickled by reference)

@@ -7,17 +7,16 @@ spec string. :func:`spine_ttrl.data.load_examples` calls both, and :mod:`spine_t
 template draws its numbers from the shared ``random.Random`` and returns ``(prompt, answer)``, or None when
 a draw breaks a constraint (a negative or inexact result), in which case the generator draws again.
 
-Questions come out as :class:`spine_ttrl.data.Example` and errors as :class:`spine_ttrl.data.DataError`;
-both are imported inside the functions, because :mod:`spine_ttrl.data` imports this module.
+Questions come out as :class:`~spine_ttrl.example.Example` and errors as
+:class:`~spine_ttrl.example.DataError` (also importable from :mod:`spine_ttrl.data`).
 """
 
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from .data import Example
+from .example import DataError, Example
 
 __all__ = ["ARITH_LEVELS", "ARITH_USAGE", "parse_arith_spec", "generate_arith"]
 
@@ -35,8 +34,6 @@ ARITH_USAGE = "arith:<level>[:<count>[:<seed>]]"
 
 def parse_arith_spec(spec: str) -> tuple[int, int, int]:
     """``arith:<level>[:<count>[:<seed>]]`` -> (level, count, seed); count defaults to 200, seed to 0."""
-    from .data import DataError  # not at the top: data imports this module
-
     parts = spec.split(":")
     if parts[0] != "arith" or not 2 <= len(parts) <= 4:
         raise DataError(f"bad arith spec {spec!r}: expected {ARITH_USAGE}")
@@ -65,8 +62,6 @@ def generate_arith(level: int, count: int = 200, seed: int = 0) -> list[Example]
     nonnegative integers written as strings; ids read ``arith<level>-<seed>-<index:04d>``. Bare levels
     (1, 3) are ``What is <expression>?`` with ``+ - * /`` and the usual precedence; ``/`` is always exact.
     """
-    from .data import DataError, Example  # not at the top: data imports this module
-
     if level not in ARITH_LEVELS:
         raise DataError(_unknown_level(level))
     if count < 1:

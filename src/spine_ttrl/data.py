@@ -3,7 +3,8 @@
 A run starts from ``load_examples(spec)``. ``spec`` is a file (JSON array, JSONL, CSV/TSV), a directory
 written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``), or ``arith:<level>[:<count>[:<seed>]]``
 for the built-in integer-arithmetic generator (:mod:`spine_ttrl.arith`; its ``generate_arith``,
-``parse_arith_spec``, ``ARITH_LEVELS`` and ``ARITH_USAGE`` are re-exported here). Everything is read
+``parse_arith_spec``, ``ARITH_LEVELS`` and ``ARITH_USAGE`` are re-exported here, as are
+:class:`Example` and :class:`DataError` from :mod:`spine_ttrl.example`). Everything is read
 and validated eagerly, before any model loads, and every problem raises :class:`DataError` whose message
 is one line naming the file, the line (or record) and the field -- the CLI prints ``error: <message>``
 and exits 2, no traceback.
@@ -46,12 +47,12 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-# The generator lives in its own module; its public names stay importable from here.
+# The generator and the shared types live in their own modules; their names stay importable from here.
 from .arith import ARITH_LEVELS, ARITH_USAGE, generate_arith, parse_arith_spec  # noqa: F401
+from .example import DataError, Example
 
 # ------------------------------------------------------------------------------------------ constants
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -73,25 +74,6 @@ SUPPORTED_INPUTS = (
     ".json (array of objects, or an object with a 'data' array), .jsonl/.ndjson, .csv/.tsv, "
     "a directory saved with datasets' save_to_disk, or arith:<level>[:<count>[:<seed>]]"
 )
-
-
-# ------------------------------------------------------------------------------------------ types
-@dataclass(frozen=True)
-class Example:
-    """One question. ``answer`` (when known) is for evaluation and diagnostics only, never the reward."""
-
-    prompt: str
-    answer: str | None = None
-    choices: tuple[str, ...] | None = None
-    id: str = ""
-
-
-class DataError(ValueError):
-    """Bad input data. ``str(err)`` is one line: ``file:line: field 'x': what is wrong``."""
-
-    def __init__(self, message: str):
-        # One line, always: the CLI prints it after "error: ".
-        super().__init__(str(message).replace("\r", " ").replace("\n", " "))
 
 
 # ------------------------------------------------------------------------------------------ loading

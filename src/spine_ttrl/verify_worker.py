@@ -1,20 +1,23 @@
-"""The math-verify worker: one persistent child process that runs symbolic comparisons under a hard time limit.
+"""The math-verify worker: one persistent child process running symbolic comparisons under a hard time limit.
 
 :func:`spine_ttrl.answers.is_equivalent` sends every symbolic comparison here (through
-:func:`_call_in_worker`) after its cheap fast paths and cache. Why a process: math-verify's own timeout
-uses ``SIGALRM``, which only works on the main thread and cannot stop a computation stuck in C code;
-killing a process always works. Measured: the round trip to the worker costs ~0.04 ms against ~10-20 ms
-for a symbolic comparison.
+:func:`_call_in_worker`) after its cheap fast paths and cache. The comparison the worker runs by
+default, :func:`_verify_pair` (math-verify in both directions; any error means "not equivalent"),
+lives here too, so the worker never needs :mod:`spine_ttrl.answers`.
 
-Lifecycle: the worker is a plain ``python -c`` child (see :data:`_BOOTSTRAP`), started lazily by the first
-request, killed and forgotten when a request overruns its limit or the pipe breaks (the next request
-starts a fresh one), stopped by :func:`shutdown_worker` and at interpreter exit. A forked child forgets
-its parent's worker and starts its own. One lock serialises requests, so a time limit counts only the
-caller's own work.
+Why a process: math-verify's own timeout uses ``SIGALRM``, which only works on the main thread and
+cannot stop a computation stuck in C code; killing a process always works. Measured: the round trip
+to the worker costs ~0.04 ms against ~10-20 ms for a symbolic comparison.
 
-Protocol: the parent sends its ``sys.path``, the child imports math-verify, warms it up and replies
+Lifecycle: the worker is a plain ``python -c`` child (see :data:`_BOOTSTRAP`), started lazily by the
+first request, killed and forgotten when a request overruns its limit or the pipe breaks (the next
+request starts a fresh one), stopped by :func:`shutdown_worker` and at interpreter exit. A forked child
+forgets its parent's worker and starts its own. One lock serialises requests, so a time limit counts
+only the caller's own work.
+
+Protocol: the parent sends its ``sys.path``; the child imports math-verify, warms it up and replies
 ``"ready"``; then each request is ``(fn, args)`` with ``fn`` pickled by reference (so it must be
-importable by name) and each reply ``("ok", result)`` or ``("error", repr)``.
+importable by name) and each reply is ``("ok", result)`` or ``("error", repr)``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,30 @@ _worker_main(requests, replies)
 """
 
 
+def _verify_pair(x: str, y: str, seconds: int | None = None) -> bool:
+    """math-verify in both directions on two normalised answers; any error counts as False.
+
+    Runs inside the worker with math-verify's own ``SIGALRM`` timeouts disabled (``seconds``
+    None: the caller enforces the limit), or inline with ``seconds`` on the main thread.
+    """
+    try:
+        from math_verify import parse, verify
+
+        # Wrapped in $...$ so parse reads the answer as LaTeX ("\frac12", "1/2", "0.5").
+        px = parse(f"${x}$", parsing_timeout=seconds)
+        py = parse(f"${y}$", parsing_timeout=seconds)
+        if not px or not py:
+            return False
+        # verify(gold, pred) is not symmetric (sets vs elements, strictness); either way counts.
+        return bool(verify(px, py, timeout_seconds=seconds) or verify(py, px, timeout_seconds=seconds))
+    except Exception:  # noqa: BLE001 -- a grader must never crash the training loop
+        return False
+    except BaseException as exc:  # math-verify's TimeoutException derives from BaseException
+        if type(exc).__name__ == "TimeoutException":
+            return False
+        raise
+
+
 def _worker_main(requests, replies) -> None:
     """Worker loop: import math-verify once, then answer ``(fn, args)`` requests until EOF."""
     import signal
@@ -56,9 +83,6 @@ def _worker_main(requests, replies) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; it closes our pipe
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warnings
     try:
-        # Imported here, in the child only: answers imports this module.
-        from spine_ttrl.answers import _verify_pair
-
         _verify_pair("1/2", "0.5")  # import math-verify and warm its parser before 'ready'
     finally:
         replies.send(("ready", None))

@@ -297,9 +297,9 @@ def test_math_verify_errors_never_escape(monkeypatch):
 
     monkeypatch.setattr(math_verify, "verify", boom)
     # _verify_pair is what the worker runs; here it runs in this process, patched
-    assert answers._verify_pair("x+1", "1+x") is False
+    assert verify_worker._verify_pair("x+1", "1+x") is False
     monkeypatch.setattr(math_verify, "parse", boom)
-    assert answers._verify_pair("x+1", "1+x") is False
+    assert verify_worker._verify_pair("x+1", "1+x") is False
 
 
 # --- the worker and its time limit --------------------------------------------------

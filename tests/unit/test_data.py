@@ -282,11 +282,13 @@ def test_arith_spec_loads_generated_questions():
     assert ex == generate_arith(2, 300, seed=7)
 
 
-def test_arith_names_still_importable_from_data():
-    from spine_ttrl import arith, data
+def test_moved_names_still_importable_from_data():
+    from spine_ttrl import arith, data, example
 
     for name in ("generate_arith", "parse_arith_spec", "ARITH_LEVELS", "ARITH_USAGE"):
         assert getattr(data, name) is getattr(arith, name)
+    assert data.Example is example.Example and data.DataError is example.DataError
+    assert all(isinstance(e, Example) for e in generate_arith(1, 3))
     assert parse_arith_spec is arith.parse_arith_spec and ARITH_LEVELS is arith.ARITH_LEVELS
 
 
