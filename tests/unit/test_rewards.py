@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spine_ttrl import answers
-from spine_ttrl.answers import majority_vote
+from spine_ttrl.answers import cluster_answers, majority_vote
 from spine_ttrl.rewards import frequency_rewards, majority_rewards
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,31 +54,83 @@ def test_frequency_rewards():
     assert frequency_rewards([]) == []
 
 
+# Hand-worked groups: (answers, clusters, majority rewards, frequency rewards, vote). Each row is
+# derived by hand from the rule (cluster by equivalence in order of first appearance; the largest
+# cluster wins, ties to the first; unparsed answers join nothing but count in the denominator).
+HAND_GROUPS = [
+    # 3 ~ 3.0 (cluster 0, 2 votes); 1/2 ~ 0.5 ~ \frac{1}{2} (cluster 1, 3 votes); -3 alone (cluster 2).
+    # Winner cluster 1: rewards on positions 1, 3, 4; frequencies 2/7, 3/7, 2/7, 3/7, 3/7, 0, 1/7.
+    (["3", "1/2", "3.0", "0.5", r"\frac{1}{2}", None, "-3"],
+     [0, 1, 0, 1, 1, None, 2],
+     [0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0],
+     [2 / 7, 3 / 7, 2 / 7, 3 / 7, 3 / 7, 0.0, 1 / 7],
+     ("1/2", 3, 3 / 7)),
+    # 2 ~ \sqrt{4} (symbolic, cluster 0) and x+1 ~ 1+x (cluster 1) tie at 2 votes: cluster 0 came first.
+    # "" is unparsed: reward 0, but it counts in every denominator (2/5).
+    (["2", r"\sqrt{4}", "x+1", "1+x", ""],
+     [0, 0, 1, 1, None],
+     [1.0, 1.0, 0.0, 0.0, 0.0],
+     [2 / 5, 2 / 5, 2 / 5, 2 / 5, 0.0],
+     ("2", 2, 2 / 5)),
+    # -3 and 3 differ: two clusters of one; the first wins. Two unparsed answers: 1/4 each, not 1/2.
+    (["-3", "3", "", None],
+     [0, 1, None, None],
+     [1.0, 0.0, 0.0, 0.0],
+     [1 / 4, 1 / 4, 0.0, 0.0],
+     ("-3", 1, 1 / 4)),
+]
+
+HAND_GROUPS_CHOICE = [
+    # b ~ (B) (cluster 0, 2 votes), C ~ c ~ C (cluster 1, 3 votes), a (cluster 2): cluster 1 wins.
+    (["b", "(B)", "C", "c", "C", None, "a"],
+     [0, 0, 1, 1, 1, None, 2],
+     [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0],
+     [2 / 7, 2 / 7, 3 / 7, 3 / 7, 3 / 7, 0.0, 1 / 7],
+     ("C", 3, 3 / 7)),
+    # {A, a} and {b, B} tie at 2: A came first.
+    (["A", "b", "B", "a"],
+     [0, 1, 1, 0],
+     [1.0, 0.0, 0.0, 1.0],
+     [1 / 2, 1 / 2, 1 / 2, 1 / 2],
+     ("A", 2, 1 / 2)),
+]
+
+
+@pytest.mark.parametrize(
+    "task, votes, clusters, majority, frequency, vote",
+    [("math", *row) for row in HAND_GROUPS] + [("choice", *row) for row in HAND_GROUPS_CHOICE],
+)
+def test_rewards_of_hand_worked_groups(task, votes, clusters, majority, frequency, vote):
+    assert cluster_answers(votes, task=task) == clusters
+    assert majority_rewards(votes, task=task) == majority
+    assert frequency_rewards(votes, task=task) == pytest.approx(frequency)
+    assert majority_vote(votes, task=task) == vote  # ratio: the same float division, exact
+
+
 POOL = ["1/2", "0.5", r"\frac{1}{2}", "3", "3.0", "-3", "2", r"\sqrt{4}", "x+1", "1+x", ""]
 
 
 @PROPERTY
 @given(votes=st.lists(st.one_of(st.none(), st.sampled_from(POOL)), max_size=24), task=st.sampled_from(["math"]))
 def test_reward_properties(votes, task):
-    vote = majority_vote(votes, task=task)
     rewards = majority_rewards(votes, task=task)
-    assert len(rewards) == len(votes)
-    assert set(rewards) <= {0.0, 1.0}
-    assert sum(rewards) == vote.count
-    assert vote.ratio == (vote.count / len(votes) if votes else 0.0)
-    assert rewards == majority_rewards(votes, task=task)  # deterministic
-    # unparsed answers never earn a reward
-    assert all(r == 0.0 for v, r in zip(votes, rewards) if v is None or not v.strip())
-    # the winners' frequency reward is the majority ratio; nobody has more
     freq = frequency_rewards(votes, task=task)
-    assert all(f == pytest.approx(vote.ratio) for f, r in zip(freq, rewards) if r == 1.0)
-    assert all(f <= vote.ratio + 1e-12 for f in freq)
+    assert len(rewards) == len(freq) == len(votes)
+    assert set(rewards) <= {0.0, 1.0}
+    assert all(0.0 <= f <= 1.0 for f in freq)
+    # unparsed answers never earn a reward of either kind
+    for v, r, f in zip(votes, rewards, freq):
+        if v is None or not v.strip():
+            assert r == 0.0 and f == 0.0
+    # some answer is paid exactly when some answer parsed
+    assert (1.0 in rewards) == any(v is not None and v.strip() for v in votes)
 
 
 @PROPERTY
 @given(votes=st.lists(st.one_of(st.none(), st.sampled_from(list("ABCDabcd") + ["(B)", ""])), max_size=40))
 def test_reward_properties_choice(votes):
-    vote = majority_vote(votes, task="choice")
     rewards = majority_rewards(votes, task="choice")
-    assert sum(rewards) == vote.count
     assert set(rewards) <= {0.0, 1.0}
+    # a letter's reward depends only on the letter: "b", "B" and "(B)" are one answer
+    paid = {v.strip("()").upper() for v, r in zip(votes, rewards) if r == 1.0}
+    assert len(paid) <= 1

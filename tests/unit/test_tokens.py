@@ -32,17 +32,36 @@ def test_entropy_uniform_is_log_vocab():
     h = token_entropy(torch.zeros(1, 1, 4))
     assert h.shape == (1, 1) and h.dtype == torch.float32
     assert_close(h, torch.tensor([[math.log(4.0)]]))
-    assert abs(math.log(4.0) - 1.3862944) < 1e-6
+    # and every token's log-prob is ln 1/4 = -1.386294, whichever token it is
+    lp = token_logprobs(torch.zeros(1, 3, 4), torch.tensor([[0, 2, 3]]))
+    assert_close(lp, torch.tensor([[-1.3862944, -1.3862944, -1.3862944]]))
 
 
 def test_entropy_and_logprobs_two_logits_by_hand():
     # logits [0, ln 3] -> exp = [1, 3] -> p = [1/4, 3/4]; H = 0.562335
     logits = torch.tensor([[[0.0, LN3], [0.0, LN3]]])
-    assert_close(token_entropy(logits), torch.tensor([[H_QUARTER, H_QUARTER]]))
-    assert abs(H_QUARTER - 0.5623351) < 1e-6
+    assert_close(token_entropy(logits), torch.tensor([[0.5623351, 0.5623351]]))
     # logprob of token 1 = ln 3/4 = -0.287682, of token 0 = ln 1/4 = -1.386294
     lp = token_logprobs(logits, torch.tensor([[1, 0]]))
     assert_close(lp, torch.tensor([[math.log(0.75), math.log(0.25)]]))
+
+
+def test_gradients_two_logits_by_hand():
+    # p = [1/4, 3/4], log p = [-1.386294, -0.287682], H = 0.562335 (logits [0, ln 3], as above).
+    # dH/dz_j = -p_j (log p_j + H):  -0.25 * (-1.386294 + 0.562335) = +0.205990
+    #                                -0.75 * (-0.287682 + 0.562335) = -0.205990
+    # d logp_y/dz = onehot(y) - p:    y = 1 -> [-0.25, 0.25];  y = 0 -> [0.75, -0.75]
+    logits = torch.tensor([[[0.0, LN3], [0.0, LN3]]], requires_grad=True)
+    (g_h,) = torch.autograd.grad(token_entropy(logits, chunk_size=1).sum(), logits)
+    assert_close(g_h, torch.tensor([[[0.2059898, -0.2059898], [0.2059898, -0.2059898]]]))
+    (g_lp,) = torch.autograd.grad(token_logprobs(logits, torch.tensor([[1, 0]]), chunk_size=1).sum(), logits)
+    assert_close(g_lp, torch.tensor([[[-0.25, 0.25], [0.75, -0.75]]]))
+    # the hidden-state path: hidden = I (2 rows), W = logits^T -> the same logits, so the same
+    # gradients w.r.t. W's columns (grad_W = grad_z^T @ hidden)
+    w = logits.detach()[0].t().contiguous().requires_grad_(True)  # (V=2, D=2)
+    lp, h = logprobs_and_entropy(torch.eye(2), w, torch.tensor([1, 0]), chunk_size=1)
+    (g_w,) = torch.autograd.grad(h.sum() + lp.sum(), w)
+    assert_close(g_w, (g_h + g_lp)[0].t())
 
 
 def test_temperature_divides_logits():
@@ -395,5 +414,21 @@ def test_selection_names_still_importable_from_tokens():
         assert name in tokens.__all__
 
 
-def test_default_chunk_size_is_positive_int():
-    assert isinstance(DEFAULT_CHUNK_SIZE, int) and DEFAULT_CHUNK_SIZE > 0
+def test_default_chunk_size_splits_rows_without_changing_results():
+    # 2 * DEFAULT_CHUNK_SIZE + 5 rows: the default runs two full chunks and a partial one; the result
+    # (values and gradients) must match a single chunk holding every row.
+    g = torch.Generator().manual_seed(5)
+    n, v, d = 2 * DEFAULT_CHUNK_SIZE + 5, 7, 3
+    logits = (torch.randn(1, n, v, generator=g) * 2).requires_grad_()
+    tokens = torch.randint(0, v, (1, n), generator=g)
+    hidden = torch.randn(1, n, d, generator=g, requires_grad=True)
+    weight = torch.randn(v, d, generator=g, requires_grad=True)
+    results = []
+    for chunk in ({}, {"chunk_size": n}):
+        h = token_entropy(logits, **chunk)
+        lp = token_logprobs(logits, tokens, **chunk)
+        lp2, h2 = logprobs_and_entropy(hidden, weight, tokens, **chunk)
+        grads = torch.autograd.grad((h + lp + lp2 + h2).sum(), (logits, hidden, weight))
+        results.append((h, lp, lp2, h2, *grads))
+    for default, single in zip(*results):
+        assert_close(default, single)
