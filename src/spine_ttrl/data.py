@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 # The generator and the shared types live in their own modules; their names stay importable from here.
-from .arith import ARITH_LEVELS, ARITH_USAGE, generate_arith, parse_arith_spec  # noqa: F401
+from .arith import ARITH_LEVELS, ARITH_USAGE, Made, generate_arith, parse_arith_spec  # noqa: F401
 from .example import DataError, Example
 
 # ------------------------------------------------------------------------------------------ constants
