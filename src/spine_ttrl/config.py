@@ -106,6 +106,7 @@ class EvalConfig:
     eval_every: int = _f(0, "Evaluate every N steps during adaptation (0 = only before and after).")
     eval_limit: int = _f(0, "Evaluate on the first N questions only (0 = all adapted questions).")
     eval_samples: int = _f(4, "Samples per question for avg@k, maj@k and pass@k (0 = greedy only).")
+    eval_every_samples: int = _f(-1, "Samples per question at the evaluations during adaptation (eval_every): -1 = eval_samples, 0 = greedy only (cheapest; sampled metrics before and after only).")
     eval_temperature: float = _f(0.6, "Temperature of the sampled evaluation.")
     eval_top_p: float = _f(0.95, "Top-p of the sampled evaluation.")
     eval_max_new_tokens: int = _f(0, "Longest evaluation completion (0 = same as max_new_tokens).")
@@ -154,6 +155,7 @@ class Config:
             (o.updates_per_batch >= 1, "updates_per_batch must be >= 1"),
             (o.lr >= 0, "lr must be >= 0"),
             (self.eval.eval_samples >= 0, "eval_samples must be >= 0"),
+            (self.eval.eval_every_samples >= -1, "eval_every_samples must be >= -1"),
             (self.model.lora_r >= 0, "lora_r must be >= 0"),
         ]
         for ok, msg in checks:

@@ -214,7 +214,8 @@ def evaluate_run(eng, qs: Questions, cfg: Config, tag: str, step: int, out_dir: 
     """Evaluate on the first ``eval_limit`` questions (all by default) and log to ``eval.jsonl``."""
     ev, s = cfg.eval, cfg.sampling
     n = ev.eval_limit or len(qs.examples)
-    params = SamplingParams(num_samples=ev.eval_samples, max_new_tokens=ev.eval_max_new_tokens or s.max_new_tokens,
+    k = ev.eval_samples if tag in ("before", "after") or ev.eval_every_samples < 0 else ev.eval_every_samples
+    params = SamplingParams(num_samples=k, max_new_tokens=ev.eval_max_new_tokens or s.max_new_tokens,
                             temperature=ev.eval_temperature, top_p=ev.eval_top_p, batch_size=s.sample_batch_size)
     t0 = time.perf_counter()
     eng.model.eval()

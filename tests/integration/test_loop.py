@@ -133,3 +133,30 @@ def test_adapt_lora_with_kl_saves_a_merged_model(tmp_path):
     ids = torch.tensor([[1, 504, 3458, 314, 216, 34]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, res.model(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_frequency_reward_greedy_only_intermediate_eval_and_diagnostics(tmp_path):
+    # --reward frequency through the loop; intermediate evaluations greedy-only; update-size metrics.
+    from spine_ttrl.rewards import frequency_rewards
+
+    cfg = make_config("ttrl", overrides={
+        "data": {"data": "arith:1:2:4"},
+        "sampling": {"num_votes": 4, "num_train_samples": 4, "max_new_tokens": 16},
+        "spine": {"reward": "frequency"},
+        "optim": {"steps": 2, "questions_per_step": 2, "micro_batch_size": 8, "lr": 1e-5, "diagnostics": True},
+        "eval": {"eval_every": 1, "eval_every_samples": 0, "eval_samples": 2, "eval_max_new_tokens": 8},
+        "run": {"out": str(tmp_path / "run"), "progress": False, "seed": 2},
+    })
+    res = adapt(cfg)
+    out = tmp_path / "run"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for m, s in zip(res.metrics, samples):
+        rewards = [r for q in s["questions"] for r in frequency_rewards(q["answers"], "math")
+                   if any(a is not None for a in q["answers"])]
+        assert m["reward/mean"] == pytest.approx(sum(rewards) / len(rewards))
+        assert m["update/weight_change_norm"] > 0 and m["update/kl_new_old"] >= 0
+        assert m["grad/band_norm"] == 0.0 and m["grad/policy_norm"] > 0
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["tag"] for e in evals] == ["before", "step1", "after"]
+    assert "eval/avg@2" in evals[0] and "eval/avg@2" in evals[2]
+    assert "eval/greedy_pass@1" in evals[1] and not any(k.startswith("eval/avg@") for k in evals[1])
