@@ -224,6 +224,7 @@ def evaluate_run(eng, qs: Questions, cfg: Config, tag: str, step: int, out_dir: 
                                seed=cfg.run.seed + 2, progress=bar)
     res.metrics["time_s"] = time.perf_counter() - t0
     append_jsonl(out_dir / "eval.jsonl", {"tag": tag, "step": step, **{f"eval/{k}": v for k, v in res.metrics.items()}})
+    append_jsonl(out_dir / "eval_records.jsonl", {"tag": tag, "step": step, "records": res.records})
     log.info(f"eval {tag}: " + format_eval(res.metrics))
     return res
 

@@ -2,6 +2,7 @@
 
 Layout of ``RUN/`` (see the README's "Outputs"): ``config.toml`` (the resolved settings),
 ``metrics.jsonl`` (one line per step), ``eval.jsonl`` (one line per evaluation),
+``eval_records.jsonl`` (per evaluation, one record per question: answers, correctness, lengths),
 ``samples.jsonl`` (every step's answers, texts and the SHA-256 of its sampled token ids),
 ``checkpoints/step-NNNNNN/``, ``final/`` (the adapted model) and ``report.md`` with plots.
 Every JSONL line is flushed and fsynced as it is written; config, checkpoints and ``final/``
@@ -28,7 +29,7 @@ from .checkpoint import (count_lines, list_checkpoints, load_checkpoint, load_tr
                          trainable_state, truncate_lines)
 from .report import read_jsonl
 
-LOG_FILES = ("metrics.jsonl", "eval.jsonl", "samples.jsonl")
+LOG_FILES = ("metrics.jsonl", "eval.jsonl", "eval_records.jsonl", "samples.jsonl")
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -94,6 +94,12 @@ def test_adapt_real_step_end_to_end(tmp_path, preset):
     assert len(hits) == 12 and m["vote/sample_accuracy"] == pytest.approx(sum(hits) / len(hits))
     tags = [json.loads(line)["tag"] for line in (out / "eval.jsonl").read_text().splitlines()]
     assert tags == ["before", "after"]
+    per_question = [json.loads(line) for line in (out / "eval_records.jsonl").read_text().splitlines()]
+    assert [r["tag"] for r in per_question] == tags
+    after = per_question[-1]["records"]
+    assert sorted(r["id"] for r in after) == sorted(labels)
+    greedy = sum(r["greedy_correct"] for r in after) / len(after)
+    assert res.eval_after.metrics["greedy_pass@1"] == pytest.approx(greedy)
     for k in ("greedy_pass@1", "greedy_pass@1_se", "avg@2", "maj@2", "pass@2", "majority_ratio"):
         assert k in res.eval_after.metrics
     assert (out / "config.toml").exists() and (out / "final" / "config.json").exists()

@@ -402,3 +402,63 @@ def test_standard_errors_are_the_pooled_rows_sd_over_root_n(tmp_path, monkeypatc
     # base greedy [0, 1, 0, 0, 0]: sd (ddof 1) √.2, SE √.2 / √5 = .2; TTRL [1, 1, 0, 1, 0]: √(.3 / 5)
     assert ses["greedy_pass@1"]["base"] == pytest.approx(0.2)
     assert ses["greedy_pass@1"]["TTRL"] == pytest.approx((0.3 / 5) ** 0.5)
+
+
+def _long():
+    import sys
+
+    sys.path.insert(0, str(BENCH))  # long.py imports quality.py from its folder
+    return _load("long")
+
+
+def test_long_stop_rule_and_episode_means():
+    long = _long()
+    # majority share saturates at episode 3, fork entropy halves at episode 4 -> the rule fires at 4
+    assert long.stop_episode([0.6, 0.8, 0.95, 0.97, 0.99], [1.0, 0.8, 0.6, 0.45, 0.3]) == 4
+    assert long.stop_episode([0.99, 0.99], [1.0, 0.9]) is None  # saturated but entropy kept
+    assert long.stop_episode([], []) is None
+    steps = [{"step": 1, "x": 1.0}, {"step": 2, "x": 3.0}, {"step": 3, "x": float("nan")}, {"step": 4, "x": 5.0}]
+    assert long.per_episode_means(steps, 2, "x") == [2.0, 5.0]  # NaN left out of episode 2
+    assert long.episode_steps(16, 4) == 4 and long.episode_steps(17, 4) == 5
+
+
+def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "q2", "q3")):
+    import json
+
+    d = tmp / name
+    d.mkdir()
+    (d / "config.toml").write_text(f"[optim]\nquestions_per_step = {len(ids) // per_episode_steps}\n")
+    evals, recs, metrics = [], [], []
+    for step, correct in greedy_by_step.items():
+        tag = "before" if step == 0 else f"step{step}"
+        evals.append({"tag": tag, "step": step, "eval/greedy_pass@1": sum(correct) / len(correct)})
+        recs.append({"tag": tag, "step": step,
+                     "records": [{"id": i, "greedy_correct": bool(c)} for i, c in zip(ids, correct)]})
+    for s in range(1, max(greedy_by_step) + 1):
+        metrics.append({"step": s, "vote/majority_ratio": 0.5, "entropy/forking_mean": 1.0,
+                        "completion/length_mean": 100.0})
+    for fname, rows in (("eval.jsonl", evals), ("eval_records.jsonl", recs), ("metrics.jsonl", metrics)):
+        (d / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "done").write_text("finished\n")
+
+
+def test_long_summary_curves_best_final_and_paired_differences(tmp_path, monkeypatch):
+    long = _long()
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    tag = tmp_path / "t"
+    tag.mkdir()
+    # 4 questions, 2 steps per episode; evaluations at episodes 0, 1, 2
+    _fake_run(tag, "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 0, 0]})
+    _fake_run(tag, "spine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1], 4: [1, 1, 1, 0]})
+    _fake_run(tag, "spine-lr0.0001-s1", {0: [1, 0, 0, 0], 2: [1, 1, 1, 0], 4: [1, 1, 1, 0]})
+    out = long.summary("t")
+    s = out["keys"]["spine-lr0.0001"]
+    assert s["seeds"] == 2 and s["episodes"] == [0.0, 1.0, 2.0]
+    assert s["greedy"] == pytest.approx([0.25, 0.875, 0.75])  # seeds averaged
+    assert s["best_episode"] == 1.0 and s["final_episode"] == 2.0
+    # per question at the final episode: spine [1, 1, 1, 0] vs ttrl [1, 1, 0, 0] -> +0.25
+    comp = out["comparisons"]["spine-lr0.0001"]
+    assert comp["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(0.25)
+    assert comp["vs_base/final"]["diff"] == pytest.approx(0.5)
+    assert comp["vs_ttrl-lr0.0001/best"]["diff"] == pytest.approx((0.875 - 0.5))
+    assert (tmp_path / "t" / "summary.md").exists() and (tmp_path / "t" / "curves.png").stat().st_size > 1000

@@ -1,0 +1,360 @@
+"""Long transductive adaptation: every question trained on many times (TTRL's protocol), per method.
+
+A fixed set of questions is adapted on for ``--episodes`` passes (an episode = every question once:
+``ceil(questions / questions_per_step)`` steps), with a greedy evaluation of every question every
+``--eval-every-episodes`` episodes and the sampled avg@k / maj@k before and after. Every run logs
+the update-size diagnostics (``--diagnostics``: weight change, KL(new‖old), gradient norm of each
+loss term) so step sizes can be compared between methods.
+
+Runs are resumable: each run directory lives under ``--runs-root`` (default
+``~/.cache/spine-ttrl/bench/long``, outside the work tree, with a checkpoint after every step);
+re-running the same command continues where it stopped. Its small logs (``config.toml``,
+``metrics.jsonl``, ``eval.jsonl``, ``eval_records.jsonl``) are copied to
+``bench/results/long/<tag>/<run>/`` after every run and with ``--sync``.
+
+Examples::
+
+    M=~/.cache/spine-ttrl/bench/qwen2.5-coder-0.5b-instruct.gguf     # python bench/fetch_qwen.py
+    # learning-rate tuning on separate questions
+    python bench/long.py --tag tune-L5 --model $M --data arith:5:16:4242 --methods ttrl spine \\
+        --lrs 3e-5 1e-4 3e-4 --seeds 0 1 --episodes 12
+    # a band variant: --set section.field=value, named by --variant
+    python bench/long.py --tag tune-L5 ... --methods spine --set spine.beta_low=0.3 spine.beta_up=0.3 --variant b0.3
+    # curves, final / best episode, paired-bootstrap intervals, label-free stopping
+    python bench/long.py --tag tune-L5 --summary
+
+The summary (``summary.md``, ``summary.json``, ``curves.png`` under ``bench/results/long/<tag>/``) reports
+per run key (method, variant, learning rate; seeds averaged): greedy pass@1 at every evaluated
+episode, the final and the best episode, avg@k / maj@k before and after, and per episode the mean
+completion length, majority share, forking-token entropy and update size; paired-bootstrap 95 %
+intervals (questions resampled) of every run key against ``ttrl`` and against the base at the final
+and the best episode; and the episode the label-free stopping rule picks (:func:`stop_episode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import paired_bootstrap, parse_sets, run_key  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent / "results" / "long"
+RUNS_ROOT = Path("~/.cache/spine-ttrl/bench/long").expanduser()
+SYNCED = ("config.toml", "metrics.jsonl", "eval.jsonl", "eval_records.jsonl")
+
+
+def episode_steps(questions: int, questions_per_step: int) -> int:
+    """Steps per episode: every question once (the loop visits questions in seeded permutations)."""
+    return math.ceil(questions / questions_per_step)
+
+
+def run_config(args, method: str, seed: int, lr: float, out: Path, n_questions: int):
+    """The adaptation config of one run of the long protocol."""
+    from spine_ttrl import make_config
+
+    per_episode = episode_steps(n_questions, args.questions_per_step)
+    overrides = {
+        "model": {"model": args.model, "precision": args.precision, "lora_r": args.lora_r},
+        "data": {"data": args.data},
+        "sampling": {"num_votes": args.votes, "num_train_samples": args.votes, "max_new_tokens": args.max_new_tokens,
+                     "temperature": args.temperature},
+        "optim": {"steps": args.episodes * per_episode, "questions_per_step": args.questions_per_step, "lr": lr,
+                  "micro_batch_size": args.micro_batch_size, "diagnostics": True},
+        "eval": {"eval_every": args.eval_every_episodes * per_episode, "eval_every_samples": 0, "eval_samples": args.k,
+                 "eval_temperature": args.eval_temperature, "eval_top_p": 1.0,
+                 "eval_max_new_tokens": args.max_new_tokens},
+        "run": {"out": str(out), "seed": seed, "threads": args.threads, "save_every": 1, "keep_checkpoints": 1,
+                "progress": args.progress},
+    }
+    if args.model is None:
+        del overrides["model"]["model"]
+    for section, fields in parse_sets(args.set).items():
+        overrides.setdefault(section, {}).update(fields)
+    return make_config(method, overrides=overrides)
+
+
+def sync(run_dir: Path, dest: Path) -> None:
+    """Copy a run's small logs into the repository's results folder."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SYNCED:
+        if (run_dir / name).exists():
+            shutil.copyfile(run_dir / name, dest / name)
+
+
+def run_one(args, method: str, seed: int, lr: float, n_questions: int) -> None:
+    from spine_ttrl import adapt
+
+    name = f"{run_key(method, args.variant, lr)}-s{seed}"
+    run_dir, dest = args.runs_root / args.tag / name, ROOT / args.tag / name
+    if (dest / "done").exists():
+        return
+    cfg = run_config(args, method, seed, lr, run_dir, n_questions)
+    if (run_dir / "config.toml").exists():
+        cfg.run.resume, cfg.run.out = str(run_dir), ""
+    print(f"== {args.tag}/{name}: {cfg.optim.steps} steps", flush=True)
+    adapt(cfg)
+    sync(run_dir, dest)
+    (dest / "done").write_text("finished\n")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / "final", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def load_run(run: Path) -> dict:
+    """One run's logs: per-step metrics, evaluations, per-question greedy correctness per evaluation."""
+    from spine_ttrl.config import load_toml
+
+    cfg = load_toml(run / "config.toml")
+    n_q = None
+    evals = _jsonl(run / "eval.jsonl")
+    per_q = {}
+    for rec in _jsonl(run / "eval_records.jsonl"):
+        ids = [r["id"] for r in rec["records"]]
+        per_q[rec["tag"]] = dict(zip(ids, [float(r.get("greedy_correct", False)) for r in rec["records"]]))
+        n_q = len(ids)
+    per_episode = episode_steps(n_q or 1, cfg["optim"]["questions_per_step"])
+    return {"config": cfg, "metrics": _jsonl(run / "metrics.jsonl"), "evals": evals, "per_question": per_q,
+            "per_episode": per_episode, "finished": (run / "done").exists()}
+
+
+def episode_of(step: int, per_episode: int) -> float:
+    return step / per_episode
+
+
+def per_episode_means(metrics: list[dict], per_episode: int, key: str) -> list[float]:
+    """Mean of ``key`` over each episode's steps (NaN-free values; NaN for an episode without any)."""
+    out: dict[int, list[float]] = {}
+    for m in metrics:
+        v = m.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            out.setdefault((int(m["step"]) - 1) // per_episode, []).append(float(v))
+    n = max(out) + 1 if out else 0
+    return [float(np.mean(out[e])) if e in out else float("nan") for e in range(n)]
+
+
+def stop_episode(majority: list[float], fork_entropy: list[float], saturation: float = 0.9,
+                 entropy_fraction: float = 0.5) -> int | None:
+    """The label-free stopping rule: the first episode (1-based) whose mean majority share is
+    >= ``saturation`` and whose mean forking-token entropy is below ``entropy_fraction`` × the first
+    episode's; None if it never fires. Uses no labels: only the votes and the entropies."""
+    if not majority or not fork_entropy or not math.isfinite(fork_entropy[0]):
+        return None
+    for e, (r, h) in enumerate(zip(majority, fork_entropy)):
+        if r >= saturation and h < entropy_fraction * fork_entropy[0]:
+            return e + 1
+    return None
+
+
+def greedy_curve(run: dict) -> list[tuple[float, float]]:
+    """(episode, greedy pass@1) at every evaluation, episode 0 = before adaptation."""
+    out = []
+    for e in run["evals"]:
+        if "eval/greedy_pass@1" in e:
+            out.append((episode_of(int(e["step"]), run["per_episode"]), float(e["eval/greedy_pass@1"])))
+    return sorted(set(out))
+
+
+def _tag_at(run: dict, episode: float) -> str | None:
+    for e in run["evals"]:
+        if abs(episode_of(int(e["step"]), run["per_episode"]) - episode) < 1e-9 and e["tag"] in run["per_question"]:
+            return e["tag"]
+    return None
+
+
+def _question_vector(runs: list[dict], episode: float) -> np.ndarray | None:
+    """Per-question greedy correctness at ``episode``, averaged over the runs (seeds)."""
+    vecs = []
+    for r in runs:
+        tag = _tag_at(r, episode)
+        if tag is None:
+            return None
+        q = r["per_question"][tag]
+        vecs.append([q[i] for i in sorted(q)])
+    return np.mean(np.array(vecs), axis=0)
+
+
+def summarise_key(runs: list[dict]) -> dict:
+    """Curves and episode statistics of one run key, seeds averaged."""
+    curves = [dict(greedy_curve(r)) for r in runs]
+    episodes = sorted(set.intersection(*[set(c) for c in curves])) if curves else []
+    greedy = [float(np.mean([c[e] for c in curves])) for e in episodes]
+    pe = runs[0]["per_episode"]
+    series = {k: np.nanmean([per_episode_means(r["metrics"], pe, k) for r in runs
+                             if per_episode_means(r["metrics"], pe, k)], axis=0).tolist()
+              if any(per_episode_means(r["metrics"], pe, k) for r in runs) else []
+              for k in ("completion/length_mean", "vote/majority_ratio", "entropy/forking_mean",
+                        "update/weight_change_norm", "update/kl_new_old", "grad/policy_norm", "grad/band_norm")}
+    final = episodes[-1] if episodes else None
+    trained = [e for e in episodes if e > 0]
+    best = max(trained, key=lambda e: greedy[episodes.index(e)]) if trained else None
+    stop = stop_episode(series["vote/majority_ratio"], series["entropy/forking_mean"])
+    stop_eval = next((e for e in episodes if stop is not None and e >= stop), None)
+    sampled = {}
+    for tag in ("before", "after"):
+        vals = [e for r in runs for e in r["evals"] if e["tag"] == tag]
+        for k in vals[0] if vals else {}:
+            if k.startswith("eval/") and (k.startswith("eval/avg@") or k.startswith("eval/maj@")) and not k.endswith("_se"):
+                sampled[f"{tag}/{k[5:]}"] = float(np.mean([v[k] for v in vals if k in v]))
+    return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "episodes": episodes, "greedy": greedy,
+            "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
+            "series": series, "sampled": sampled}
+
+
+def load_tag(tag: str) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for d in sorted((ROOT / tag).glob("*-s*")):
+        if d.is_dir() and (d / "config.toml").exists():
+            runs.setdefault(d.name.rsplit("-s", 1)[0], []).append(load_run(d))
+    return runs
+
+
+def compare(a: list[dict], b: list[dict], episode: float | None) -> dict | None:
+    if episode is None:
+        return None
+    va, vb = _question_vector(a, episode), _question_vector(b, episode)
+    if va is None or vb is None or len(va) != len(vb):
+        return None
+    return paired_bootstrap(va, vb)
+
+
+def summary(tag: str) -> dict:
+    runs = load_tag(tag)
+    keys = {k: summarise_key(v) for k, v in runs.items()}
+    out = {"tag": tag, "keys": keys, "comparisons": {}}
+    ttrl = next((k for k in runs if k.startswith("ttrl-")), None)
+    for k, s in keys.items():
+        comp = {}
+        for where in ("final", "best"):
+            ep = s[f"{where}_episode"]
+            comp[f"vs_base/{where}"] = (paired_bootstrap(_question_vector(runs[k], ep), _question_vector(runs[k], 0.0))
+                                        if ep is not None and _question_vector(runs[k], 0.0) is not None
+                                        and _question_vector(runs[k], ep) is not None else None)
+            if ttrl and k != ttrl:
+                comp[f"vs_{ttrl}/{where}"] = compare(runs[k], runs[ttrl], ep)
+        out["comparisons"][k] = comp
+    (ROOT / tag).mkdir(parents=True, exist_ok=True)
+    (ROOT / tag / "summary.json").write_text(json.dumps(out, indent=1, default=float))
+    (ROOT / tag / "summary.md").write_text(render(out))
+    plot(out, ROOT / tag / "curves.png")
+    return out
+
+
+def _f(x, digits=3):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _ci(c):
+    return "–" if not c else f"{100 * c['diff']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
+
+
+def render(out: dict) -> str:
+    lines = [f"# Long adaptation: {out['tag']}", "",
+             "| run key | seeds | done | greedy before | final (ep) | best (ep) | stop rule ep → greedy | "
+             "avg before → after | length ep1 → last | majority ep1 → last | fork H ep1 → last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k, s in out["keys"].items():
+        g = dict(zip(s["episodes"], s["greedy"]))
+        ser = s["series"]
+
+        def first_last(name):
+            v = ser.get(name) or []
+            return f"{_f(v[0], 2)} → {_f(v[-1], 2)}" if v else "–"
+        avg = [v for kk, v in s["sampled"].items() if "avg@" in kk]
+        lines.append(
+            f"| {k} | {s['seeds']} | {'yes' if s['finished'] else 'no'} | {_f(g.get(0.0))} | "
+            f"{_f(g.get(s['final_episode']))} ({_f(s['final_episode'], 0)}) | {_f(g.get(s['best_episode']))} "
+            f"({_f(s['best_episode'], 0)}) | {s['stop_episode'] or '–'} → {_f(g.get(s['stop_eval_episode']))} | "
+            f"{' → '.join(_f(v) for v in avg) or '–'} | {first_last('completion/length_mean')} | "
+            f"{first_last('vote/majority_ratio')} | {first_last('entropy/forking_mean')} |")
+    lines += ["", "Paired bootstrap, greedy pass@1 in points (95 % interval), questions resampled:", "",
+              "| run key | comparison | difference |", "|---|---|---|"]
+    for k, comp in out["comparisons"].items():
+        for name, c in comp.items():
+            lines.append(f"| {k} | {name} | {_ci(c)} |")
+    lines += ["", "Greedy pass@1 per evaluated episode:", ""]
+    for k, s in out["keys"].items():
+        lines.append(f"- {k}: " + ", ".join(f"ep{_f(e, 0)} {_f(v)}" for e, v in zip(s["episodes"], s["greedy"])))
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for k, s in out["keys"].items():
+        axes[0].plot(s["episodes"], s["greedy"], marker="o", label=k)
+        for ax, name in ((axes[1], "entropy/forking_mean"), (axes[2], "completion/length_mean")):
+            v = s["series"].get(name) or []
+            ax.plot(range(1, len(v) + 1), v, label=k)
+    for ax, title in zip(axes, ("greedy pass@1", "forking-token entropy (nats)", "completion length (tokens)")):
+        ax.set_title(title)
+        ax.set_xlabel("episode")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tag", required=True)
+    p.add_argument("--data", default="arith:5:16:4242")
+    p.add_argument("--model", default=None)
+    p.add_argument("--methods", nargs="*", default=["ttrl", "spine"])
+    p.add_argument("--lrs", nargs="*", type=float, default=[1e-4])
+    p.add_argument("--seeds", nargs="*", type=int, default=[0])
+    p.add_argument("--episodes", type=int, default=12)
+    p.add_argument("--eval-every-episodes", type=int, default=2)
+    p.add_argument("--questions-per-step", type=int, default=4)
+    p.add_argument("--votes", type=int, default=8)
+    p.add_argument("--k", type=int, default=8, help="samples per question in the sampled evaluation")
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--eval-temperature", type=float, default=0.8)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
+    p.add_argument("--variant", default="")
+    p.add_argument("--runs-root", type=Path, default=RUNS_ROOT)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--summary", action="store_true", help="only write the summary of --tag")
+    p.add_argument("--sync", action="store_true", help="only copy the logs of --tag's runs into bench/results")
+    args = p.parse_args(argv)
+    if args.sync or args.summary:
+        for d in sorted((args.runs_root / args.tag).glob("*-s*")):
+            if (d / "config.toml").exists() and not (ROOT / args.tag / d.name / "done").exists():
+                sync(d, ROOT / args.tag / d.name)
+        if args.summary:
+            print(render(summary(args.tag)))
+        return 0
+    from spine_ttrl.data import load_examples
+
+    n_questions = len(load_examples(args.data))
+    for seed in args.seeds:
+        for lr in args.lrs:
+            for method in args.methods:
+                run_one(args, method, seed, lr, n_questions)
+    print(render(summary(args.tag)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
