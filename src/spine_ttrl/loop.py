@@ -34,7 +34,8 @@ from .config import Config
 from .data import load_examples, resolve_task
 from .engine import SamplingParams
 from .engine.builtin import load_builtin_engine
-from .engine.scoring import build_training_batch, score_batch, score_completions  # noqa: F401  (re-exported)
+from .engine.precision import autocast_dtype_for, bf16_supported  # noqa: F401  (re-exported: former home)
+from .engine.scoring import build_training_batch, micro_batches, score_batch, score_completions  # noqa: F401
 from .losses import group_advantages
 from .prompting import encode_examples
 from .report import collapse_warnings, read_jsonl, write_report
