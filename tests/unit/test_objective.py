@@ -124,7 +124,8 @@ def _objective(model, ref_model, batch, preset, kl_coef, beta=1.0):
     return policy + band + kl_coef * kl, parts, H_b, ref_logp
 
 
-def _check_update_against_objective(preset, kl_coef, micro):
+def _setup():
+    """The batch, the policy, the frozen reference and a copy of the policy's starting weights."""
     torch.manual_seed(0)
     batch = build_training_batch(PROMPTS, COMPLETIONS, pad_id=0)
     model = tiny_llama(seed=3).float()
@@ -133,7 +134,11 @@ def _check_update_against_objective(preset, kl_coef, micro):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    start = copy.deepcopy(model)
+    return batch, model, ref_model, copy.deepcopy(model)
+
+
+def _check_update_against_objective(preset, kl_coef, micro):
+    batch, model, ref_model, start = _setup()
 
     loss, parts, H_b, ref_logp = _objective(model, ref_model, batch, preset, kl_coef)
     parts_d = {k: v.detach() for k, v in parts.items()}
@@ -201,14 +206,7 @@ def _norm_of_grad(term, params):
 @pytest.mark.parametrize("preset", ["ttrl", "spine"])
 def test_diagnostics_report_each_terms_gradient_and_the_update_size(preset):
     kl_coef = 0.1
-    torch.manual_seed(0)
-    batch = build_training_batch(PROMPTS, COMPLETIONS, pad_id=0)
-    model = tiny_llama(seed=3).float()
-    ref_model = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    start = copy.deepcopy(model)
+    batch, model, ref_model, start = _setup()
     _, parts, H_b, ref_logp = _objective(model, ref_model, batch, preset, kl_coef)
     params = list(model.parameters())
     want = {"policy": _norm_of_grad(parts["policy"], params), "band": _norm_of_grad(parts["band"], params),
