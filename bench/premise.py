@@ -7,6 +7,10 @@ arithmetic levels at several temperatures and writes one result file per setting
 resumes where it stopped.
 
     python bench/premise.py --levels 1 2 3 --temperatures 0.6 0.8 1.0 --questions 64 --k 8
+    python bench/premise.py --sets gsm8k svamp math-prealgebra --model $M --temperatures 0.8 --questions 32
+
+``--sets`` measures real question sets from the shared data folder (:mod:`sets`) instead of the
+generated levels; their result files carry the set name where the level would be.
 
 Each file holds the settings, the metrics of :func:`spine_ttrl.evaluate_model` (greedy pass@1,
 avg@k = sampled pass@1, maj@k, pass@k, truncation and format rates, each accuracy with its
@@ -28,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--sets", nargs="+", default=[], help="real sets instead of levels: gsm8k svamp math-prealgebra")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.6, 0.8, 1.0])
     ap.add_argument("--questions", type=int, default=64)
     ap.add_argument("--k", type=int, default=8, help="samples per question")
@@ -50,9 +55,19 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     model_name = args.model or "embedded-smollm2-135m"
     model = tokenizer = None
-    for level in args.levels:
+    if args.sets:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from sets import materialise
+
+        specs = [(name, str(materialise(name, args.questions, args.seed))) for name in args.sets]
+    else:
+        specs = [(f"L{level}", f"arith:{level}:{args.questions}:{args.seed}") for level in args.levels]
+    for label, spec in specs:
+        level = label[1:] if label.startswith("L") and label[1:].isdigit() else label
         for temp in args.temperatures:
-            name = (f"premise-{Path(model_name).name}-L{level}-T{temp}-n{args.questions}-k{args.k}-s{args.seed}"
+            name = (f"premise-{Path(model_name).name}-{label}-T{temp}-n{args.questions}-k{args.k}-s{args.seed}"
                     f"-m{args.max_new_tokens}.json")  # one file per setting, token budget included
             out = RESULTS / name
             if out.exists():
@@ -61,17 +76,17 @@ def main() -> None:
             if model is None:
                 model, tokenizer = load_model_and_tokenizer(args.model)
             t0 = time.perf_counter()
-            res = evaluate_model(model, f"arith:{level}:{args.questions}:{args.seed}", tokenizer=tokenizer,
+            res = evaluate_model(model, spec, tokenizer=tokenizer,
                                  num_samples=args.k, temperature=temp, top_p=1.0, greedy=temp == args.temperatures[0],
                                  max_new_tokens=args.max_new_tokens)
-            record = {"model": model_name, "level": level, "temperature": temp, "questions": args.questions,
+            record = {"model": model_name, "level": int(level) if str(level).isdigit() else level, "temperature": temp, "questions": args.questions,
                       "k": args.k, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                       "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0, "metrics": res.metrics}
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=1))
             os.replace(tmp, out)
             m = res.metrics
-            print(f"L{level} T{temp}: avg@{args.k}={m[f'avg@{args.k}']:.3f}±{m[f'avg@{args.k}_se']:.3f} "
+            print(f"{label} T{temp}: avg@{args.k}={m[f'avg@{args.k}']:.3f}±{m[f'avg@{args.k}_se']:.3f} "
                   f"maj@{args.k}={m[f'maj@{args.k}']:.3f}±{m[f'maj@{args.k}_se']:.3f} "
                   f"truncated={m['sample_truncated_rate']:.3f} ({record['wall_s']:.0f} s)")
 

@@ -462,3 +462,30 @@ def test_long_summary_curves_best_final_and_paired_differences(tmp_path, monkeyp
     assert comp["vs_base/final"]["diff"] == pytest.approx(0.5)
     assert comp["vs_ttrl-lr0.0001/best"]["diff"] == pytest.approx((0.875 - 0.5))
     assert (tmp_path / "t" / "summary.md").exists() and (tmp_path / "t" / "curves.png").stat().st_size > 1000
+
+
+def test_real_sets_are_read_from_the_shared_layout(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    sets = _load("sets")
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "svamp").mkdir()
+    (tmp_path / "ttrl").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "Q?", "answer": "so 1,200\n#### 1,200"}) + "\n")
+    (tmp_path / "svamp" / "SVAMP.json").write_text(json.dumps([{"ID": "c1", "Body": "Ann has 3 pens.",
+                                                              "Question": "How many?", "Answer": 3.0}]))
+    (tmp_path / "ttrl" / "math.json").write_text(json.dumps([
+        {"prompt": "p1", "answer": "1", "id": "test/prealgebra/1.json"},
+        {"prompt": "p2", "answer": "2", "id": "test/algebra/2.json"}]))
+    monkeypatch.setattr(sets, "DATA", tmp_path)
+    monkeypatch.setattr(sets, "CACHE", tmp_path / "cache")
+    assert sets.load_set("gsm8k")[0]["answer"] == "1200"
+    assert sets.load_set("svamp")[0] == {"prompt": "Ann has 3 pens. How many?", "answer": "3", "id": "svamp-c1",
+                                         "source": "svamp"}
+    assert [r["id"] for r in sets.load_set("math-prealgebra")] == ["test/prealgebra/1.json"]
+    rows = [json.loads(line) for line in sets.materialise("mixed", 3, 0).read_text().splitlines()]
+    assert sorted(r["source"] for r in rows) == ["gsm8k", "math-prealgebra", "svamp"]
+    with pytest.raises(ValueError, match="has 1"):
+        sets.materialise("svamp", 2, 0)

@@ -1,0 +1,64 @@
+"""Real question sets for the benchmarks, read from the shared data folder (never copied into the project).
+
+``materialise(name, n, seed)`` writes the first ``n`` questions of a seeded shuffle of a set to a
+JSONL file under ``~/.cache/spine-ttrl/bench/sets/`` (``prompt``, ``answer``, ``id``, ``source``)
+and returns its path, ready for ``--data``. Sets:
+
+- ``gsm8k``: GSM8K test (1,319); the answer is the number after ``####``.
+- ``svamp``: SVAMP (1,000); the prompt is ``Body`` + " " + ``Question`` (the question alone lacks
+  the numbers), the answer ``Answer`` printed without a trailing ``.0``.
+- ``math-prealgebra``: MATH-500's prealgebra questions (the subject is in each row's ``id``).
+- ``mixed``: equal parts of the three, for a per-``source`` breakdown in one run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CACHE = Path("~/.cache/spine-ttrl/bench/sets").expanduser()
+SETS = ("gsm8k", "svamp", "math-prealgebra", "mixed")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def load_set(name: str) -> list[dict]:
+    """All rows of a named set as {prompt, answer, id, source}."""
+    if name == "gsm8k":
+        rows = [json.loads(line) for line in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines() if line.strip()]
+        return [{"prompt": r["question"], "answer": r["answer"].split("####")[-1].strip().replace(",", ""),
+                 "id": f"gsm8k-{i}", "source": "gsm8k"} for i, r in enumerate(rows)]
+    if name == "svamp":
+        rows = json.loads((DATA / "svamp" / "SVAMP.json").read_text())
+        return [{"prompt": f"{r['Body'].strip()} {r['Question'].strip()}", "answer": _number(r["Answer"]),
+                 "id": f"svamp-{r['ID']}", "source": "svamp"} for r in rows]
+    if name == "math-prealgebra":
+        rows = json.loads((DATA / "ttrl" / "math.json").read_text())
+        return [{"prompt": r["prompt"], "answer": r["answer"], "id": r["id"], "source": "math-prealgebra"}
+                for r in rows if "/prealgebra/" in r["id"]]
+    raise ValueError(f"unknown set {name!r} (expected one of {', '.join(SETS)})")
+
+
+def materialise(name: str, n: int, seed: int = 0) -> Path:
+    """Write ``n`` questions of set ``name`` (seeded shuffle; ``mixed``: n/3 of each) to a JSONL file."""
+    if name == "mixed":
+        parts = ["gsm8k", "svamp", "math-prealgebra"]
+        rows = [r for i, p in enumerate(parts) for r in _pick(load_set(p), n // 3 + (i < n % 3), seed)]
+    else:
+        rows = _pick(load_set(name), n, seed)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path = CACHE / f"{name}-n{n}-s{seed}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pick(rows: list[dict], n: int, seed: int) -> list[dict]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    if n > len(rows):
+        raise ValueError(f"asked for {n} questions, the set has {len(rows)}")
+    return rows[:n]
