@@ -291,12 +291,13 @@ def render(out: dict) -> str:
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
+    """Greedy pass@1, forking-token entropy and completion length per episode, one line per run key."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
     for k, s in out["keys"].items():
         axes[0].plot(s["episodes"], s["greedy"], marker="o", label=k)
         for ax, name in ((axes[1], "entropy/forking_mean"), (axes[2], "completion/length_mean")):
@@ -308,7 +309,6 @@ def plot(out: dict, path: Path) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

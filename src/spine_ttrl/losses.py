@@ -30,6 +30,7 @@ import torch
 __all__ = [
     "group_advantages",
     "band_edges",
+    "pooled_band_edges",
     "band_penalty",
     "policy_loss",
     "kl_penalty",
