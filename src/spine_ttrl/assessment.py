@@ -79,7 +79,7 @@ def evaluate_prompts(
                                                  return_entropy=False), progress=progress)
         _greedy_metrics(roll, records, metrics, task)
     if params.num_samples > 0 and examples:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=getattr(sampler, "device", "cpu")).manual_seed(seed)
         roll = sampler.generate(prompts, replace(params, return_entropy=False), generator=gen, progress=progress)
         _sampled_metrics(roll, records, metrics, task, params.num_samples)
     return EvalResult(metrics=metrics, records=records)
@@ -161,7 +161,7 @@ def evaluate_model(
     """
     from .data import load_examples, resolve_task
     from .engine.models import load_model_and_tokenizer
-    from .engine.precision import autocast_dtype_for
+    from .engine.precision import autocast_dtype_for, device_of as sampler_device
     from .prompting import encode_examples
 
     examples = load_examples(data) if isinstance(data, str) else list(data)
@@ -173,7 +173,7 @@ def evaluate_model(
     examples, prompt_ids, _ = encode_examples(tokenizer, examples, task, max_prompt_tokens=max_prompt_tokens,
                                               long_prompts=long_prompts)
     model.eval()
-    sampler = builtin_sampler(model, tokenizer, autocast_dtype_for(precision))
+    sampler = builtin_sampler(model, tokenizer, autocast_dtype_for(precision, sampler_device(model)))
     params = SamplingParams(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, batch_size=batch_size)
     return evaluate_prompts(sampler, examples, prompt_ids, task, params, greedy=greedy, seed=seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class ModelConfig:
     lora_alpha: float = _f(32.0, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_target: str = _f("all-linear", "LoRA target modules: 'all-linear' or a comma-separated list of module names.")
+    device: str = _f("auto", "Where the model, reference model, KV caches, random generators and batches live: auto (the first CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N.")
     precision: str = _f("auto", "Compute precision: 'auto' = bf16 autocast where the CPU/GPU supports bf16, else fp32; weights stay fp32.", ("auto", "fp32", "bf16"))
 
 
@@ -157,6 +159,8 @@ class Config:
             (self.eval.eval_samples >= 0, "eval_samples must be >= 0"),
             (self.eval.eval_every_samples >= -1, "eval_every_samples must be >= -1"),
             (self.model.lora_r >= 0, "lora_r must be >= 0"),
+            (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.model.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:N, got {self.model.device!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -297,7 +301,7 @@ def _flag(name: str) -> str:
 
 #: The settings ``spine-ttrl eval`` uses (section -> fields); the others only matter for adaptation.
 EVAL_SETTINGS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "precision"),
+    "model": ("model", "device", "precision"),
     "data": ("data", "task", "limit", "max_prompt_tokens", "long_prompts", "system_prompt"),
     "sampling": ("max_new_tokens", "sample_batch_size"),
     "eval": ("eval_limit", "eval_samples", "eval_temperature", "eval_top_p", "eval_max_new_tokens"),

@@ -34,7 +34,7 @@ from .config import Config
 from .data import load_examples, resolve_task
 from .engine import SamplingParams
 from .engine.builtin import load_builtin_engine
-from .engine.precision import autocast_dtype_for, bf16_supported  # noqa: F401  (re-exported: former home)
+from .engine.precision import autocast_dtype_for, bf16_supported, resolve_device  # noqa: F401 (autocast_dtype_for, bf16_supported: re-exported)
 from .engine.scoring import build_training_batch, micro_batches, score_batch, score_completions  # noqa: F401
 from .losses import group_advantages
 from .prompting import encode_examples
@@ -88,6 +88,7 @@ def adapt(config: Config) -> RunResult:
     if cfg.data.limit:
         examples = examples[:cfg.data.limit]
     task = resolve_task(examples, cfg.data.task)
+    resolve_device(cfg.model.device)  # a missing GPU fails here too, before anything is written
     out_dir, checkpoints = prepare_run_dir(cfg)
     eng = load_builtin_engine(cfg.model, need_reference=cfg.spine.kl_coef > 0 and o.steps > 0)
     examples, prompt_ids, length_report = encode_examples(
@@ -95,14 +96,15 @@ def adapt(config: Config) -> RunResult:
         long_prompts=cfg.data.long_prompts, system_prompt=cfg.data.system_prompt)
     qs = Questions(examples, prompt_ids, task)
     log.info(length_report)
-    log.info(f"{len(examples)} questions, task={task}, preset={cfg.preset}, "
-             f"precision={'bf16 autocast' if eng.autocast_dtype else 'fp32'}")
+    log.info(f"{len(examples)} questions, task={task}, preset={cfg.preset}, device={eng.device}, "
+             f"precision={'bf16 autocast, fp32 weights' if eng.autocast_dtype else 'fp32'}")
     result = RunResult(out_dir=out_dir, config=cfg, model=eng.model, tokenizer=eng.tokenizer)
 
     params = [p for p in eng.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, o) if params else None
+    # Separate generators, so that evaluation or a change of selection never shifts sampling.
     state = TrainState(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o)) if optimizer else None,
-                       torch.Generator().manual_seed(run.seed), torch.Generator().manual_seed(run.seed + 1))
+                       eng.generator(run.seed), torch.Generator().manual_seed(run.seed + 1))
     if checkpoints:
         state.restore(eng.model, checkpoints[-1], out_dir)
         result.metrics = read_jsonl(out_dir / "metrics.jsonl")
@@ -153,6 +155,8 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
     s, sp, o = cfg.sampling, cfg.spine, cfg.optim
     t_step = time.perf_counter()
     m: dict[str, float] = {"step": step}
+    if eng.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(eng.device)
     q_idx = next_questions(state, o.questions_per_step, len(qs.examples))
     eng.model.eval()
     t0 = time.perf_counter()
@@ -187,8 +191,10 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
     batch = build_training_batch([qs.prompt_ids[q_idx[r // s.num_votes]] for r in rows],
                                  [roll.completion_ids[r][roll.completion_mask[r]].tolist() for r in rows],
                                  eng.sampler.pad_token_id)
+    batch = tuple(t.to(eng.device) if isinstance(t, torch.Tensor) else t for t in batch)
     token_mask = batch[4]
-    behaviour_entropy = roll.entropies[rows, :token_mask.shape[1]]
+    behaviour_entropy = roll.entropies[rows, :token_mask.shape[1]].to(eng.device)
+    advantages = advantages.to(eng.device)
     m["time/vote_s"] = time.perf_counter() - t0
 
     ref_logp = None
@@ -207,6 +213,8 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
         log.info(f"band anchored at [{anchor[0]:.4f}, {anchor[1]:.4f}] (pooled forking-token entropy, step {step})")
     state.scheduler.step()
     m["tokens/trained"] = float(int(token_mask.sum()))
+    if eng.device.type == "cuda":
+        m["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated(eng.device) / 2**30
     finish_step(m, t_step, out_dir / "metrics.jsonl", log)
     return m
 

@@ -117,7 +117,8 @@ def next_questions(state: TrainState, n: int, num_examples: int) -> list[int]:
     picked = []
     while len(picked) < min(n, num_examples):
         if not state.order:
-            state.order = torch.randperm(num_examples, generator=state.sampling_gen).tolist()
+            state.order = torch.randperm(num_examples, generator=state.sampling_gen,
+                                         device=state.sampling_gen.device).tolist()
         picked.append(state.order.pop(0))
     return picked
 

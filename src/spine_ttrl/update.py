@@ -84,8 +84,9 @@ def select_forks(entropies, token_mask, sp, group_size: int, band_anchor=None) -
         lo, hi = band_anchor if band_anchor is not None else pooled_band_edges(
             entropies, fork, sp.band, sp.band_low_q, sp.band_high_q)
         has = fork.any(dim=1)  # rows without a forking token keep NaN edges (no band, no metrics)
-        nan = torch.full((fork.shape[0],), float("nan"))
-        return Selection(fork, torch.where(has, torch.tensor(lo), nan), torch.where(has, torch.tensor(hi), nan),
+        nan = torch.full((fork.shape[0],), float("nan"), device=fork.device)
+        lo_t, hi_t = torch.tensor(lo, device=fork.device), torch.tensor(hi, device=fork.device)
+        return Selection(fork, torch.where(has, lo_t, nan), torch.where(has, hi_t, nan),
                          entropies, (lo, hi))
     low, high = BANDS[sp.band](entropies, fork, sp.band_low_q, sp.band_high_q)
     return Selection(fork, low, high, entropies)
@@ -103,11 +104,11 @@ def microbatch_loss(logp, ent, rows, *, old_logp, advantages, sel: Selection, to
     fork_mb = sel.fork_mask[rows]
     loss_pl, stats = policy_loss(logp, old_logp[rows], advantages[rows], fork_mb, clip_eps, n_tokens)
     loss = loss_pl
-    loss_band = torch.zeros(())
+    loss_band = torch.zeros((), device=logp.device)
     if sel.low is not None:
         loss_band = band_penalty(ent, fork_mb, sel.low[rows], sel.high[rows], sp.beta_low, sp.beta_up, n_tokens)
         loss = loss + loss_band
-    loss_kl = torch.zeros(())
+    loss_kl = torch.zeros((), device=logp.device)
     if ref_logp is not None:
         kl_mask = sel.fork_mask if sp.kl_tokens == "selected" else token_mask
         loss_kl = kl_penalty(logp, ref_logp[rows], kl_mask[rows], max(int(kl_mask.sum()), 1))
@@ -133,7 +134,8 @@ def _behaviour(model, batch, sp, o, *, temperature, group_size, amp, behaviour_e
                              f"expected {tuple(token_mask.shape)}")
         ent = behaviour_entropy.float().masked_fill(~token_mask, 0.0)
         # old log-probs: filled by the first update's gradient pass (sampling weights, ratio 1)
-        return torch.zeros(token_mask.shape), select_forks(ent, token_mask, sp, group_size, band_anchor)
+        return (torch.zeros(token_mask.shape, device=token_mask.device),
+                select_forks(ent, token_mask, sp, group_size, band_anchor))
     if len(micro_batches(token_mask.shape[0], o.micro_batch_size)) == 1 and o.updates_per_batch == 1:
         return None, None
     old_logp, ent = score_batch(model, batch, o.micro_batch_size, temperature=temperature,

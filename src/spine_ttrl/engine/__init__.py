@@ -22,6 +22,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from .precision import device_of
 from .sampling import Rollout, sample
 
 
@@ -60,6 +61,11 @@ class BuiltinSampler:
     eos_token_ids: set[int]
     pad_token_id: int
     autocast_dtype: torch.dtype | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's draws happen (a generator passed to :meth:`generate` must live there)."""
+        return device_of(self.model)
 
     def generate(self, prompt_ids, params: SamplingParams, *, generator=None, progress=None) -> Rollout:
         return sample(self.model, [list(p) for p in prompt_ids], num_samples=params.num_samples,

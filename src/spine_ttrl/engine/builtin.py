@@ -10,7 +10,7 @@ import torch
 
 from . import BuiltinSampler
 from .models import load_model_and_tokenizer
-from .precision import autocast_dtype_for
+from .precision import autocast_dtype_for, resolve_device
 from .scoring import score_batch
 
 
@@ -28,6 +28,11 @@ class BuiltinEngine:
     autocast_dtype: torch.dtype | None
     lora: bool
     reference: object = None
+    device: torch.device = torch.device("cpu")
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A random generator on the engine's device, seeded (draws never touch the global RNG)."""
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def reference_logprobs(self, batch, micro_batch_size: int, *, temperature: float, chunk_size: int):
         """No-grad log-probs (B, T) of the batch's completions under the initial model."""
@@ -46,14 +51,17 @@ def lora_settings(model_cfg) -> dict | None:
 
 
 def load_builtin_engine(model_cfg, *, need_reference: bool) -> BuiltinEngine:
-    """Load the model named by ``model_cfg`` (LoRA-wrapped if asked) and build its sampler."""
+    """Load the model named by ``model_cfg`` on its device (LoRA-wrapped if asked), with its sampler
+    and, when ``need_reference``, the frozen reference for the KL term."""
+    device = resolve_device(model_cfg.device)
     lora = lora_settings(model_cfg)
-    model, tokenizer = load_model_and_tokenizer(model_cfg.model, lora=lora)
-    amp = autocast_dtype_for(model_cfg.precision)
+    model, tokenizer = load_model_and_tokenizer(model_cfg.model, lora=lora, device=device)
+    amp = autocast_dtype_for(model_cfg.precision, device)
     reference = None
     if need_reference:
         reference = model if lora is not None else copy.deepcopy(model).eval().requires_grad_(False)
-    return BuiltinEngine(model, tokenizer, builtin_sampler(model, tokenizer, amp), amp, lora is not None, reference)
+    return BuiltinEngine(model, tokenizer, builtin_sampler(model, tokenizer, amp), amp, lora is not None, reference,
+                         device)
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -8,35 +8,61 @@ entropy and loss arithmetic is always fp32 (see :mod:`spine_ttrl.tokens`).
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
 
-def bf16_supported() -> bool:
-    """True when bf16 matmuls are native here (CUDA bf16, or CPU AVX512-BF16 / AMX)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+def device_of(model) -> torch.device:
+    """The device of a model's first parameter (CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for a ``--device`` setting: ``auto`` = the first CUDA GPU when one is
+    visible, else the CPU; ``cpu``; ``cuda`` / ``cuda:N``. Asking for a GPU that is not there
+    raises ValueError with a one-line reason (never a silent fall-back to the CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", name or "")
+    if m is None:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                         "use --device cpu or auto")
+    index = int(m.group(1) or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device {name}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    return torch.device("cuda", index)
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """True when bf16 matmuls are native on ``device``: a CUDA GPU that supports bf16 (Ampere and
+    newer), or a CPU with AVX512-BF16 or AMX."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     cpu = getattr(torch, "cpu", None)
     check = getattr(cpu, "_is_avx512_bf16_supported", None)
     amx = getattr(cpu, "_is_amx_tile_supported", None)
     return bool((check and check()) or (amx and amx()))
 
 
-def autocast_dtype_for(precision: str) -> torch.dtype | None:
-    """The autocast dtype for a precision setting: ``fp32`` → None (plain fp32), ``bf16`` →
-    bfloat16, ``auto`` → bfloat16 where :func:`bf16_supported`, else None."""
+def autocast_dtype_for(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The autocast dtype for a precision setting on ``device``: ``fp32`` → None (plain fp32),
+    ``bf16`` → bfloat16, ``auto`` → bfloat16 where :func:`bf16_supported` on that device, else None.
+
+    The weights stay fp32 in every case (master weights): AdamW steps at test-time learning
+    rates (1e-6 … 1e-4) are below bf16's resolution for many weights and would be lost."""
     if precision == "fp32":
         return None
-    if precision == "bf16" or (precision == "auto" and bf16_supported()):
+    if precision == "bf16" or (precision == "auto" and bf16_supported(device)):
         return torch.bfloat16
     return None
-
-
-def device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -142,7 +142,7 @@ def score_batch(model, batch, micro_batch_size: int, *, temperature: float, chun
     """No-grad log-probs and entropies (B, T) of a whole batch, micro-batch by micro-batch."""
     token_mask = batch[4]
     B, T = token_mask.shape
-    logp, ent = torch.zeros(B, T), torch.zeros(B, T)
+    logp, ent = torch.zeros(B, T, device=token_mask.device), torch.zeros(B, T, device=token_mask.device)
     with torch.no_grad(), autocast_context(amp, model):
         for rows in micro_batches(B, micro_batch_size):
             lp, en, t = score_completions(model, batch, rows, temperature=temperature, chunk_size=chunk_size)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, for a machine with one NVIDIA GPU and the project installed
+# (bash scripts/install.sh). One line per check: PASS or FAIL, seconds per step, peak GPU memory.
+# Uses the embedded SmolLM2-135M model (no download). It cannot run on CPU-only machines.
+#
+#   bash scripts/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python || command -v python3)}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fail=0
+
+if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  echo "FAIL setup: torch sees no CUDA GPU ($("$PY" -c 'import torch; print(torch.__version__)' 2>&1))"
+  exit 1
+fi
+
+# report NAME RUN_DIR STATUS: one PASS/FAIL line from a run directory's metrics.jsonl
+report() {
+  "$PY" - "$1" "$2" "$3" <<'PYEOF'
+import json, sys
+name, run, status = sys.argv[1], sys.argv[2], int(sys.argv[3])
+try:
+    steps = [json.loads(l) for l in open(f"{run}/metrics.jsonl")]
+except OSError:
+    steps = []
+ok = status == 0 and len(steps) == 2 and all(s.get("memory/peak_gpu_gb", 0) > 0 for s in steps)
+sec = sum(s.get("time/step_s", 0) for s in steps) / max(len(steps), 1)
+mem = max((s.get("memory/peak_gpu_gb", 0) for s in steps), default=0)
+print(f"{'PASS' if ok else 'FAIL'} {name}: exit {status}, {len(steps)} steps, {sec:.1f} s/step, peak {mem:.2f} GiB")
+sys.exit(0 if ok else 1)
+PYEOF
+}
+
+# 1. the built-in engine on cuda, 2 steps of SPINE (LoRA, KL on: reference pass included)
+timeout 480 "$PY" -m spine_ttrl adapt --device cuda --preset spine --data arith:2:8:0 --steps 2 \
+  --questions-per-step 4 --num-votes 8 --max-new-tokens 128 --lora-r 16 --kl-coef 0.05 --lr 1e-4 \
+  --eval-samples 0 --eval-limit 4 --no-progress --out "$tmp/builtin" > "$tmp/builtin.log" 2>&1
+report builtin-cuda "$tmp/builtin" $? || { fail=1; tail -5 "$tmp/builtin.log"; }
+
+exit $fail
