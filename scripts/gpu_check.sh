@@ -39,4 +39,14 @@ timeout 480 "$PY" -m spine_ttrl adapt --device cuda --preset spine --data arith:
   --eval-samples 0 --eval-limit 4 --no-progress --out "$tmp/builtin" > "$tmp/builtin.log" 2>&1
 report builtin-cuda "$tmp/builtin" $? || { fail=1; tail -5 "$tmp/builtin.log"; }
 
+# 2. the built-in engine with vLLM generating the votes (needs: pip install -e '.[vllm]')
+if "$PY" -c "import vllm" 2>/dev/null; then
+  timeout 480 "$PY" -m spine_ttrl adapt --device cuda --sampler vllm --vllm-gpu-memory-utilization 0.3 \
+    --preset spine --data arith:2:8:0 --steps 2 --questions-per-step 4 --num-votes 8 --max-new-tokens 128 \
+    --lora-r 16 --lr 1e-4 --eval-samples 0 --eval-limit 4 --no-progress --out "$tmp/vllm" > "$tmp/vllm.log" 2>&1
+  report builtin-vllm-sampler "$tmp/vllm" $? || { fail=1; tail -5 "$tmp/vllm.log"; }
+else
+  echo "FAIL builtin-vllm-sampler: vllm is not installed (pip install -e '.[vllm]')"; fail=1
+fi
+
 exit $fail

@@ -67,6 +67,8 @@ class SamplingConfig:
     temperature: float = _f(1.0, "Sampling temperature for the votes; training log-probs and entropies use logits / temperature.")
     top_p: float = _f(1.0, "Nucleus sampling threshold for the votes.")
     sample_batch_size: int = _f(64, "Rows generated at once (memory bound).")
+    sampler: str = _f("builtin", "What generates the votes: builtin (our KV-cache sampler, CPU or GPU; returns the entropies selection needs) or vllm (vLLM colocated on the GPU, weights pushed after every update; the entropies then come from one no-grad pass over the kept completions). vllm needs the [vllm] extra and a CUDA device.", ("builtin", "vllm"))
+    vllm_gpu_memory_utilization: float = _f(0.3, "Share of the GPU's memory vLLM may take (sampler=vllm); the rest is left to training.")
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Config:
             (s.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (s.temperature >= 0, "temperature must be >= 0"),
             (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 < s.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization must be in (0, 1)"),
             (0 <= self.spine.rho <= 1, "rho must be in [0, 1]"),
             (0 <= self.spine.band_low_q <= self.spine.band_high_q <= 1, "need 0 <= band_low_q <= band_high_q <= 1"),
             (self.spine.band_anchor == "none" or self.spine.band != "none", "band_anchor=first needs a band (band=quantile or mad)"),

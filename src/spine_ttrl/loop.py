@@ -33,7 +33,7 @@ from .assessment import EvalResult, evaluate_prompts
 from .config import Config
 from .data import load_examples, resolve_task
 from .engine import SamplingParams
-from .engine.builtin import load_builtin_engine
+from .engine.builtin import check_sampler, load_builtin_engine
 from .engine.precision import autocast_dtype_for, bf16_supported, resolve_device  # noqa: F401 (autocast_dtype_for, bf16_supported: re-exported)
 from .engine.scoring import build_training_batch, micro_batches, score_batch, score_completions  # noqa: F401
 from .losses import group_advantages
@@ -88,9 +88,11 @@ def adapt(config: Config) -> RunResult:
     if cfg.data.limit:
         examples = examples[:cfg.data.limit]
     task = resolve_task(examples, cfg.data.task)
-    resolve_device(cfg.model.device)  # a missing GPU fails here too, before anything is written
+    # A missing GPU or vLLM fails here, before anything is written.
+    check_sampler(cfg.sampling.sampler, resolve_device(cfg.model.device))
     out_dir, checkpoints = prepare_run_dir(cfg)
-    eng = load_builtin_engine(cfg.model, need_reference=cfg.spine.kl_coef > 0 and o.steps > 0)
+    eng = load_builtin_engine(cfg.model, need_reference=cfg.spine.kl_coef > 0 and o.steps > 0,
+                              sampling_cfg=cfg.sampling, seed=run.seed)
     examples, prompt_ids, length_report = encode_examples(
         eng.tokenizer, examples, task, max_prompt_tokens=cfg.data.max_prompt_tokens,
         long_prompts=cfg.data.long_prompts, system_prompt=cfg.data.system_prompt)
@@ -193,7 +195,9 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
                                  eng.sampler.pad_token_id)
     batch = tuple(t.to(eng.device) if isinstance(t, torch.Tensor) else t for t in batch)
     token_mask = batch[4]
-    behaviour_entropy = roll.entropies[rows, :token_mask.shape[1]].to(eng.device)
+    behaviour_entropy = None  # a sampler that returns no entropies (vLLM): the update scores the kept rows
+    if roll.entropies is not None:
+        behaviour_entropy = roll.entropies[rows, :token_mask.shape[1]].to(eng.device)
     advantages = advantages.to(eng.device)
     m["time/vote_s"] = time.perf_counter() - t0
 
@@ -212,6 +216,8 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
         state.band_anchor = anchor
         log.info(f"band anchored at [{anchor[0]:.4f}, {anchor[1]:.4f}] (pooled forking-token entropy, step {step})")
     state.scheduler.step()
+    if hasattr(eng.sampler, "sync_weights"):  # an external sampler (vLLM) gets the updated weights
+        eng.sampler.sync_weights()
     m["tokens/trained"] = float(int(token_mask.sum()))
     if eng.device.type == "cuda":
         m["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated(eng.device) / 2**30

@@ -50,9 +50,10 @@ def lora_settings(model_cfg) -> dict | None:
             "target_modules": targets if targets == "all-linear" else [t.strip() for t in targets.split(",")]}
 
 
-def load_builtin_engine(model_cfg, *, need_reference: bool) -> BuiltinEngine:
+def load_builtin_engine(model_cfg, *, need_reference: bool, sampling_cfg=None, seed: int = 0) -> BuiltinEngine:
     """Load the model named by ``model_cfg`` on its device (LoRA-wrapped if asked), with its sampler
-    and, when ``need_reference``, the frozen reference for the KL term."""
+    (``sampling_cfg.sampler``: the built-in one, or vLLM colocated) and, when ``need_reference``,
+    the frozen reference for the KL term."""
     device = resolve_device(model_cfg.device)
     lora = lora_settings(model_cfg)
     model, tokenizer = load_model_and_tokenizer(model_cfg.model, lora=lora, device=device)
@@ -60,8 +61,31 @@ def load_builtin_engine(model_cfg, *, need_reference: bool) -> BuiltinEngine:
     reference = None
     if need_reference:
         reference = model if lora is not None else copy.deepcopy(model).eval().requires_grad_(False)
-    return BuiltinEngine(model, tokenizer, builtin_sampler(model, tokenizer, amp), amp, lora is not None, reference,
-                         device)
+    eng = BuiltinEngine(model, tokenizer, builtin_sampler(model, tokenizer, amp), amp, lora is not None, reference,
+                        device)
+    if sampling_cfg is not None and sampling_cfg.sampler == "vllm":
+        from .models import resolve_model_path
+        from .vllm import load_vllm_sampler
+
+        eng.sampler = load_vllm_sampler(eng, resolve_model_path(model_cfg.model),
+                                        gpu_memory_utilization=sampling_cfg.vllm_gpu_memory_utilization,
+                                        max_model_len=None, seed=seed)
+    return eng
+
+
+def check_sampler(sampler: str, device: torch.device) -> None:
+    """Refuse ``--sampler vllm`` where it cannot run (no vLLM installed, or not a CUDA device), in
+    one line, before anything is loaded or written."""
+    if sampler != "vllm":
+        return
+    import importlib.util
+
+    from .vllm import VLLM_MISSING
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(VLLM_MISSING)
+    if device.type != "cuda":
+        raise ValueError(f"--sampler vllm needs a CUDA device (device is {device})")
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:
