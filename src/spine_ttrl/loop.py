@@ -41,7 +41,7 @@ from .prompting import encode_examples
 from .report import collapse_warnings, read_jsonl, write_report
 from .rewards import REWARDS
 from .rundir import (Logger, TrainState, append_jsonl, finish_step, format_eval, last_eval, next_questions,
-                     prepare_run_dir, save_final_model)
+                     prepare_run_dir, save_final_model, summary_line)
 from .update import lr_lambda, make_optimizer, update_on_batch
 from .votes import vote_and_reward
 
@@ -242,17 +242,3 @@ def evaluate_run(eng, qs: Questions, cfg: Config, tag: str, step: int, out_dir: 
     append_jsonl(out_dir / "eval_records.jsonl", {"tag": tag, "step": step, "records": res.records})
     log.info(f"eval {tag}: " + format_eval(res.metrics))
     return res
-
-
-def summary_line(result: RunResult) -> str:
-    """The one-line end-of-run summary: greedy pass@1 before -> after, with standard errors."""
-    def fmt(res, key):
-        if res is None or key not in res.metrics:
-            return "n/a"
-        se = res.metrics.get(key + "_se", float("nan"))
-        return f"{res.metrics[key]:.3f}±{se:.3f}"
-    key = "greedy_pass@1"
-    if result.eval_after is not None and key not in result.eval_after.metrics:
-        key = "majority_ratio"
-    return (f"done: {result.config.preset}, {len(result.metrics)} steps, {key} "
-            f"{fmt(result.eval_before, key)} -> {fmt(result.eval_after, key)}; run dir {result.out_dir}")

@@ -187,3 +187,18 @@ class Logger:
 
         with tqdm(desc=desc, unit=unit, disable=not self.progress, leave=False, dynamic_ncols=True) as pbar:
             yield pbar.update
+
+
+def summary_line(result) -> str:
+    """The one-line end-of-run summary of a RunResult: greedy pass@1 before -> after, with standard
+    errors (the majority ratio where the questions have no labels)."""
+    def fmt(res, key):
+        if res is None or key not in res.metrics:
+            return "n/a"
+        se = res.metrics.get(key + "_se", float("nan"))
+        return f"{res.metrics[key]:.3f}±{se:.3f}"
+    key = "greedy_pass@1"
+    if result.eval_after is not None and key not in result.eval_after.metrics:
+        key = "majority_ratio"
+    return (f"done: {result.config.preset}, {len(result.metrics)} steps, {key} "
+            f"{fmt(result.eval_before, key)} -> {fmt(result.eval_after, key)}; run dir {result.out_dir}")
