@@ -1,0 +1,295 @@
+"""SpineGRPOTrainer (spine_ttrl.integrations.trl): the TRL adapter against TRL's own loss, the
+band's gradient against plain log-softmax entropies, the vote over groups split across processes,
+and a two-step ``trainer.train()`` on CPU with a tiny random Llama and an offline tokenizer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
+
+from spine_ttrl.integrations.trl import (  # noqa: E402
+    SUPPORTED_LOSS_TYPES,
+    SpineGRPOConfig,
+    SpineGRPOTrainer,
+    gathered_group_rewards,
+    vote_groups,
+)
+from spine_ttrl.losses import BANDS, band_penalty, kl_penalty  # noqa: E402
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [str(i) for i in range(10)] + "what is plus times the answer".split()
+PROMPTS = ["what is 1 plus 2", "what is 3 times 4", "what is 5 plus 6", "what is 7 times 8"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in memory (no hub): digits and a few words, whitespace-split."""
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+def make_trainer(tmp_path, **kw) -> SpineGRPOTrainer:
+    base = dict(output_dir=str(tmp_path / "out"), num_generations=4, per_device_train_batch_size=8,
+                gradient_accumulation_steps=2, max_completion_length=8, max_steps=2, use_cpu=True, bf16=False,
+                logging_steps=1, report_to="none", save_strategy="no", learning_rate=1e-3,
+                gradient_checkpointing=False, temperature=0.9)
+    base.update(kw)
+    args = SpineGRPOConfig(**base)
+    ds = Dataset.from_dict({"prompt": PROMPTS})
+    return SpineGRPOTrainer(model=tiny_model(), args=args, train_dataset=ds, processing_class=tiny_tokenizer())
+
+
+def fake_batch(trainer, seed: int = 0, B: int = 8, P: int = 5, T: int = 7) -> dict:
+    """A micro-batch as TRL's _generate_and_score_completions leaves it: left-padded prompts,
+    right-padded completions of different lengths, old and reference log-probs that differ from
+    the current ones (so the clip and the KL act)."""
+    g = torch.Generator().manual_seed(seed)
+    V = len(WORDS)
+    prompt_ids = torch.randint(4, V, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[1, :2] = 0
+    prompt_mask[5, :1] = 0
+    prompt_ids[prompt_mask == 0] = 0
+    completion_ids = torch.randint(4, V, (B, T), generator=g)
+    lengths = torch.tensor([7, 3, 5, 1, 7, 6, 2, 4])[:B]
+    completion_mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    completion_ids[completion_mask == 0] = 0
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), T)
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids, "completion_mask": completion_mask,
+        "advantages": torch.randn(B, generator=g),
+        "num_items_in_batch": completion_mask.sum() * 2,  # the generation batch holds 2 such micro-batches
+        "old_per_token_logps": logp + 0.3 * torch.randn(B, T, generator=g),
+        "ref_per_token_logps": logp + 0.5 * torch.randn(B, T, generator=g),
+    }
+
+
+def loss_and_grads(fn, trainer, inputs):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = fn(trainer, trainer.model, inputs)
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in trainer.model.parameters() if p.grad is not None]
+    trainer.model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) selection all + no band (+ KL on all tokens) is TRL's own loss, for every supported type
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vllm_is", [False, True])
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def test_loss_equals_trl_grpo_loss(tmp_path, loss_type, vllm_is):
+    trainer = make_trainer(tmp_path, loss_type=loss_type, selection="all", band="none", kl_coef=0.05,
+                           kl_tokens="all")
+    assert trainer.ref_model is not None and trainer.args.beta == 0.0 and trainer.beta == 0.05
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = fake_batch(trainer)
+    trainer._attach_selection(inputs, "train")
+    if vllm_is:  # TRL's importance-sampling correction of vLLM rollouts, folded into our advantages
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        inputs["importance_sampling_ratio"] = torch.rand(inputs["completion_ids"].shape,
+                                                         generator=torch.Generator().manual_seed(1)) * 2
+    ours, g_ours = loss_and_grads(SpineGRPOTrainer._compute_loss, trainer, inputs)
+    theirs, g_theirs = loss_and_grads(GRPOTrainer._compute_loss, trainer, inputs)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    assert len(g_ours) == len(g_theirs) > 0
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert trainer._metrics["train"]["loss/kl"][-1] > 0
+
+
+def test_unsupported_settings_are_refused(tmp_path):
+    base = dict(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4, use_cpu=True, bf16=False)
+    for bad, words in [({"loss_type": "cispo"}, "loss_type"), ({"beta": 0.1}, "kl_coef"),
+                       ({"top_entropy_quantile": 0.2}, "selection"), ({"entropy_coef": 0.01}, "band"),
+                       ({"num_votes": 8}, "num_votes"), ({"selection": "bottom"}, "selection"),
+                       ({"epsilon_high": 0.28}, "epsilon_high")]:
+        with pytest.raises(ValueError, match=words):
+            SpineGRPOConfig(**base, **bad)
+    with pytest.raises(ValueError, match="reward_funcs"):
+        SpineGRPOTrainer(model=tiny_model(), reward_funcs=[lambda **k: [0.0]], args=SpineGRPOConfig(**base),
+                         train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tiny_tokenizer())
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) the band's gradient through TRL's fused entropy = band_penalty on plain log-softmax entropies
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("band", ["quantile", "mad"])
+def test_band_gradient_matches_plain_entropies(tmp_path, band):
+    trainer = make_trainer(tmp_path, loss_type="dapo", selection="top", rho=0.5, band=band, beta_low=0.7,
+                           beta_up=1.3)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = fake_batch(trainer)
+    inputs["advantages"] = torch.zeros_like(inputs["advantages"])  # policy term: zero value, zero gradient
+    trainer._attach_selection(inputs, "train")
+    mask = inputs["completion_mask"].bool()
+    fork = inputs["spine_fork_mask"]
+    assert fork.sum() == -(-mask.sum() // 2)  # k = ceil(rho n) over the pool
+    # The edges are quantiles of the forks' own entropies, so some fork sits exactly on an edge, where
+    # relu's gradient flips with the last bit of H (fused fp32 vs plain fp64). Nudge the edges off
+    # every fork so that the comparison tests the gradient path, not rounding at a kink.
+    inputs["spine_band_low"] = inputs["spine_band_low"] + 3e-4
+    inputs["spine_band_high"] = inputs["spine_band_high"] - 3e-4
+    ours, g_ours = loss_and_grads(SpineGRPOTrainer._compute_loss, trainer, inputs)
+
+    # Reference: the model's ordinary logits, temperature-scaled log-softmax, entropies in float64.
+    T = inputs["completion_ids"].size(1)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+
+    def reference(tr, m, batch):
+        logits = m(input_ids=ids, attention_mask=attn).logits[:, -T - 1:-1].double() / tr.temperature
+        logp = torch.log_softmax(logits, -1)
+        ent = -(logp.exp() * logp).sum(-1)
+        # the edges the trainer took from the fused head's behaviour entropies = those of plain entropies
+        low, high = BANDS[band](ent.detach(), fork, 0.1, 0.5)
+        torch.testing.assert_close(batch["spine_band_low"] - 3e-4, low.float(), atol=1e-5, rtol=0, equal_nan=True)
+        torch.testing.assert_close(batch["spine_band_high"] + 3e-4, high.float(), atol=1e-5, rtol=0, equal_nan=True)
+        gap = torch.minimum((ent - batch["spine_band_low"].unsqueeze(1)).abs(),
+                            (ent - batch["spine_band_high"].unsqueeze(1)).abs())
+        assert gap[fork].min() > 1e-5
+        z = batch["num_items_in_batch"] / 1 * 2 / tr.args.steps_per_generation  # TRL's dapo normaliser, 1 process
+        return band_penalty(ent, fork, batch["spine_band_low"], batch["spine_band_high"], 0.7, 1.3, z).float()
+
+    ref, g_ref = loss_and_grads(reference, trainer, inputs)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    assert ours > 0
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_grpo_row_weights_and_selected_kl_normaliser(tmp_path):
+    """grpo: band = Σ_i Σ_t band_it / (|y_i| · B · accum); dapo with kl_tokens=selected: the KL is
+    divided by the selected tokens (num_items × selected share), the built-in engine's N_KL."""
+    trainer = make_trainer(tmp_path, loss_type="grpo", selection="top", rho=0.5, band="quantile", kl_coef=0.3)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = fake_batch(trainer)
+    inputs["advantages"] = torch.zeros_like(inputs["advantages"])
+    trainer._attach_selection(inputs, "train")
+    mask, fork = inputs["completion_mask"].bool(), inputs["spine_fork_mask"]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = mask.size(1)
+    with torch.no_grad():
+        logp, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, T, compute_entropy=True)
+        ours = SpineGRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    B, lo, hi, ref = mask.size(0), inputs["spine_band_low"], inputs["spine_band_high"], inputs["ref_per_token_logps"]
+    band = sum(band_penalty(ent[i:i + 1], fork[i:i + 1], lo[i:i + 1], hi[i:i + 1], 1.0, 1.0,
+                            mask[i].sum() * B * 2) for i in range(B))
+    kl = sum(kl_penalty(logp[i:i + 1], ref[i:i + 1], fork[i:i + 1],
+                        mask[i].sum() * B * 2 * fork.sum() / mask.sum()) for i in range(B))
+    torch.testing.assert_close(ours, band + 0.3 * kl, atol=1e-6, rtol=1e-5)
+
+    trainer.loss_type = "dapo"
+    trainer.args.band = "none"
+    with torch.no_grad():
+        ours = SpineGRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    n_kl = inputs["num_items_in_batch"] * fork.sum() / mask.sum()  # = selected tokens of the generation batch
+    torch.testing.assert_close(ours, 0.3 * kl_penalty(logp, ref, fork, n_kl), atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the vote: groups split across processes are voted on whole
+# ---------------------------------------------------------------------------------------------
+
+
+def test_vote_over_groups_split_across_two_ranks():
+    # 3 prompts x G=4 = 12 completions, 6 per rank: prompt 1's group is rows 4..7, split 2 + 2.
+    answers = ["1", "1", "2", None, "5", "5", "7", "7.0", "\\frac12", "0.5", "3", "1/2"]
+    ranks = [answers[:6], answers[6:]]
+    expected = vote_groups(answers, 4)
+    assert expected[0] == [1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 1]  # 5 5 | 7 7.0 tie -> first cluster
+    assert expected[1] == [0.5, 0.5, 0.75]
+
+    main_payload = {}
+
+    def run_rank(r):
+        def gather(local):
+            assert local == ranks[r]
+            return ranks[0] + ranks[1]
+
+        def broadcast(obj):
+            if r == 0:
+                main_payload["v"] = obj
+            return main_payload["v"]
+
+        return gathered_group_rewards(ranks[r], 4, gather=gather, broadcast=broadcast, is_main=r == 0)
+
+    assert run_rank(0) == expected and run_rank(1) == expected
+    assert gathered_group_rewards(answers, 4) == expected  # single process
+    # Voting each rank's rows on their own would split prompt 1's group (and fail to be whole groups).
+    with pytest.raises(ValueError, match="whole groups"):
+        vote_groups(ranks[0], 4)
+
+
+def test_calculate_rewards_single_process(tmp_path):
+    trainer = make_trainer(tmp_path, reward="frequency")
+    trainer.model.train()
+    completions = ["the answer is 3", "3", "4", "\\boxed{3}", "1 2", "2", "x", "5"]
+    rewards = trainer._calculate_rewards([{}] * 8, ["p"] * 8, completions, [[1]] * 8)
+    assert rewards.shape == (8, 1)
+    assert rewards[:, 0].tolist() == [0.75, 0.75, 0.25, 0.75, 0.5, 0.5, 0.0, 0.25]
+    assert trainer._metrics["train"]["vote/majority_ratio"][-1] == pytest.approx((0.75 + 0.5) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) end to end: two optimiser steps on CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_two_steps_logs_metrics(tmp_path):
+    trainer = make_trainer(tmp_path, kl_coef=0.01)  # SPINE v1 defaults: top 20 %, quantile band, masked KL
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for name in ("loss/policy", "loss/band", "loss/kl", "tokens/selected_fraction", "entropy/forking_mean",
+                 "vote/majority_ratio", "reward/mean", "band/low_mean"):
+        assert name in logs[0], name
+    assert 0.15 < logs[0]["tokens/selected_fraction"] < 0.35
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_import_guard():
+    code = "import spine_ttrl, sys; import spine_ttrl.integrations; assert 'trl' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import sys; sys.modules['trl'] = None\n"
+            "try:\n    import spine_ttrl.integrations.trl\nexcept ImportError as e:\n"
+            "    assert \"pip install 'spine-ttrl[trl]'\" in str(e), e\nelse:\n    raise SystemExit('no ImportError')")
+    subprocess.run([sys.executable, "-c", code], check=True)
