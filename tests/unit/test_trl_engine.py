@@ -293,3 +293,40 @@ def test_import_guard():
             "try:\n    import spine_ttrl.integrations.trl\nexcept ImportError as e:\n"
             "    assert \"pip install 'spine-ttrl[trl]'\" in str(e), e\nelse:\n    raise SystemExit('no ImportError')")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("how", ["path", "peft"])
+def test_kl_reference_from_a_path_or_peft(tmp_path, how):
+    """kl_coef > 0 through TRL's own reference paths: a model id (reloaded by TRL) or LoRA (adapters off)."""
+    kw = dict(output_dir=str(tmp_path / "out"), num_generations=4, per_device_train_batch_size=8, max_completion_length=6,
+              max_steps=1, use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1,
+              gradient_checkpointing=False, learning_rate=1e-2, kl_coef=0.1, kl_tokens="all")
+    ds = Dataset.from_dict({"prompt": PROMPTS})
+    if how == "path":
+        tiny_model().save_pretrained(tmp_path / "m")
+        trainer = SpineGRPOTrainer(model=str(tmp_path / "m"), args=SpineGRPOConfig(**kw), train_dataset=ds,
+                                   processing_class=tiny_tokenizer())
+        assert trainer.ref_model is not None
+    else:
+        peft = pytest.importorskip("peft")
+        trainer = SpineGRPOTrainer(model=tiny_model(), args=SpineGRPOConfig(**kw), train_dataset=ds,
+                                   processing_class=tiny_tokenizer(),
+                                   peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        assert trainer.ref_model is None  # TRL disables the adapters for the reference log-probs
+    assert trainer.args.beta == 0.0 and trainer.beta == 0.1
+    trainer.train()
+    assert "loss/kl" in trainer.state.log_history[0]
+
+
+def test_conversational_prompts_train_one_step(tmp_path):
+    """Chat-format prompts (as in the class docstring): completions arrive as messages and still vote."""
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    args = SpineGRPOConfig(output_dir=str(tmp_path / "out"), num_generations=4, per_device_train_batch_size=8,
+                           max_completion_length=6, max_steps=1, use_cpu=True, bf16=False, report_to="none",
+                           save_strategy="no", logging_steps=1, gradient_checkpointing=False)
+    ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]})
+    trainer = SpineGRPOTrainer(model=tiny_model(), args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["vote/majority_ratio"] > 0 and "tokens/selected_fraction" in log
