@@ -80,7 +80,9 @@ from ..losses import BANDS, band_penalty, kl_penalty, policy_loss
 from ..rewards import REWARDS
 from ..selection import SELECTIONS, select_tokens
 
-__all__ = ["SpineGRPOConfig", "SpineGRPOTrainer", "vote_groups", "gathered_group_rewards", "SUPPORTED_LOSS_TYPES"]
+# The public API. The pure helpers below (vote_groups, gathered_group_rewards, SUPPORTED_LOSS_TYPES)
+# are importable for tests and other adapters but not part of it.
+__all__ = ["SpineGRPOConfig", "SpineGRPOTrainer"]
 
 SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "dr_grpo", "grpo")
 """TRL ``loss_type`` values whose normaliser :class:`SpineGRPOTrainer` reproduces."""
@@ -115,7 +117,7 @@ class SpineGRPOConfig(GRPOConfig):
     band_high_q: float = _f(0.5, "Upper band quantile (band=quantile).")
     beta_low: float = _f(1.0, "Band weight for forking tokens below the band (pushes their entropy up).")
     beta_up: float = _f(1.0, "Band weight for forking tokens above the band (pushes their entropy down).")
-    kl_coef: float = _f(0.0, "Coefficient of the masked k3 KL to the frozen initial model (0 = off). Use this, not TRL's beta (which must stay 0); > 0 makes TRL load the reference model.")
+    kl_coef: float = _f(0.0, "Coefficient of the masked k3 KL to the frozen initial model (0 = off). Use this, not TRL's beta (which must stay 0); > 0 keeps a reference: a frozen copy of a model instance, TRL's reload of a model id, or the disabled adapters of a PEFT model.")
     kl_tokens: str = _f("selected", "Tokens the KL is computed on: selected (forking) tokens or all completion tokens.")
     reward: str = _f("majority", "Label-free reward: majority (1 if the answer is in the group's majority cluster, TTRL) or frequency (share of the group's votes for the answer).")
     task: str = _f("math", "Answer format for extraction and voting: math (boxed / 'answer is' / last number) or choice (option letter A-J).")
