@@ -66,11 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from .data import DataError
-    from .loop import adapt
 
     try:
+        if cfg.run.engine == "trl":
+            from .integrations.trl_adapt import adapt_trl as adapt
+        else:
+            from .loop import adapt
         adapt(cfg)
-    except (DataError, ValueError, FileNotFoundError, OSError) as exc:
+    except (DataError, ValueError, FileNotFoundError, OSError, ImportError) as exc:
         if os.environ.get("SPINE_TTRL_DEBUG"):
             raise
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)

@@ -126,6 +126,7 @@ class RunConfig:
     keep_checkpoints: int = _f(2, "How many recent checkpoints to keep.")
     resume: str = _f("", "Run directory of an interrupted run to continue.")
     progress: bool = _f(True, "Show progress bars.")
+    engine: str = _f("builtin", "What trains: builtin (spine-ttrl's own single-process engine, CPU or one GPU) or trl (SpineGRPOTrainer on TRL's GRPOTrainer: the same method and run directory, many GPUs/nodes with torchrun or accelerate launch; needs the [trl] extra).", ("builtin", "trl"))
 
 
 @dataclass

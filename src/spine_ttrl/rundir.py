@@ -47,10 +47,11 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(cfg) -> tuple[Path, list[Path]]:
+def prepare_run_dir(cfg, find_checkpoints=None) -> tuple[Path, list[Path]]:
     """Create (or reopen, with ``run.resume``) the run directory; write ``config.toml``.
 
-    Returns the directory and its checkpoints (oldest first; empty for a fresh run). A fresh
+    Returns the directory and its checkpoints (oldest first; empty for a fresh run), found by
+    ``find_checkpoints(out_dir)`` (default: the built-in engine's ``checkpoints/``). A fresh
     run in an old directory removes the old run's logs and checkpoints, so nothing of it can
     be resumed or mixed in.
     """
@@ -63,7 +64,7 @@ def prepare_run_dir(cfg) -> tuple[Path, list[Path]]:
     saved = copy.deepcopy(cfg)
     saved.run.resume, saved.run.out = "", str(out_dir)
     write_atomic(out_dir / "config.toml", config_mod.to_toml(saved))
-    checkpoints = list_checkpoints(out_dir) if run.resume else []
+    checkpoints = (find_checkpoints or list_checkpoints)(out_dir) if run.resume else []
     if checkpoints:
         return out_dir, checkpoints
     for name in LOG_FILES:  # a resume with no checkpoint yet starts the run again from step 1
