@@ -44,6 +44,7 @@ from .verify_worker import _verify_pair, shutdown_worker  # shutdown_worker: re-
 
 __all__ = [
     "TASKS",
+    "DEFAULT_LABELS",
     "EQUIVALENCE_TIMEOUT",
     "Vote",
     "extract_answer",
@@ -54,8 +55,12 @@ __all__ = [
     "shutdown_worker",
 ]
 
-TASKS = ("math", "choice")
-"""Answer formats understood here: free-form math, and multiple choice with options A–J."""
+TASKS = ("math", "choice", "label")
+"""Answer formats understood here: free-form math, multiple choice with options A–J, and short
+label answers such as PubMedQA's yes / no / maybe (see :data:`DEFAULT_LABELS`)."""
+
+DEFAULT_LABELS = ("yes", "no", "maybe")
+"""The labels of ``task="label"`` when none are given (PubMedQA's three answers)."""
 
 EQUIVALENCE_TIMEOUT: float | None = 2.0
 """Default hard time limit, in seconds, of one symbolic :func:`is_equivalent` call.
@@ -252,7 +257,60 @@ def _extract_choice(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str | None, task: str = "math") -> str | None:
+# --- short labels (yes / no / maybe) ----------------------------------------------------
+
+# Whole word: the label is not glued to a letter, digit or underscore on either side ("no" in
+# "note" or "know" is not a label). Lookarounds rather than \b, so a label may itself begin or
+# end with a non-word character.
+_LABEL_WORD = r"(?<![\w])({alts})(?![\w])"
+# "the answer is yes", "Answer: **No**", "final answer: $\text{maybe}$", "answer is (yes)".
+_LABEL_ANCHOR = (r"\banswer\b(?:\s+is\b)?[\s*_:：\"'“‘(\[$]*"
+                 r"(?:\\(?:text|textbf|mathrm)\s*\{{\s*)?" + _LABEL_WORD)
+
+
+def _label_tuple(labels: Sequence[str]) -> tuple[str, ...]:
+    """``labels`` as a tuple of stripped lower-case labels; ValueError if empty or not strings."""
+    if isinstance(labels, str) or not labels:
+        raise ValueError(f"labels must be a non-empty sequence of strings, got {labels!r}")
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"labels must be non-empty strings, got {label!r}")
+    return tuple(dict.fromkeys(label.strip().lower() for label in labels))
+
+
+@lru_cache(maxsize=64)
+def _label_patterns(keys: tuple[str, ...]) -> tuple[re.Pattern, re.Pattern]:
+    """(whole-word pattern, "answer is" pattern) of the canonical labels ``keys``."""
+    # Longest first, so "no" never pre-empts "no change" inside the alternation.
+    alts = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
+    return (re.compile(_LABEL_WORD.format(alts=alts), re.IGNORECASE),
+            re.compile(_LABEL_ANCHOR.format(alts=alts), re.IGNORECASE))
+
+
+def _canonical_label(found: str, keys: tuple[str, ...]) -> str:
+    low = found.lower()
+    if low in keys:
+        return low
+    # A case-insensitive regex match whose .lower() differs (rare Unicode case folds).
+    return next(k for k in keys if re.fullmatch(re.escape(k), found, re.IGNORECASE))
+
+
+def _extract_label(text: str, keys: tuple[str, ...]) -> str | None:
+    word, anchor = _label_patterns(keys)
+    for content in reversed(_boxed_contents(text)):
+        found = word.findall(content)
+        if found:
+            return _canonical_label(found[-1], keys)
+    for pattern in (anchor, word):
+        found = pattern.findall(text)
+        if found:
+            return _canonical_label(found[-1], keys)
+    return None
+
+
+def extract_answer(
+    text: str | None, task: str = "math", labels: Sequence[str] = DEFAULT_LABELS
+) -> str | None:
     """Extract the final answer of one completion; ``None`` when nothing parses (no vote).
 
     ``task="math"``, first rule that yields a non-empty string wins:
@@ -272,14 +330,28 @@ def extract_answer(text: str | None, task: str = "math") -> str | None:
     4. the last standalone upper-case letter, e.g. ``(C)``; a bare "A" or "I" followed by a
        lower-case word is prose ("A train leaves", "I think") and does not vote.
 
+    ``task="label"`` (PubMedQA-style short answers, ``labels`` default yes / no / maybe),
+    case-insensitive, whole words only ("no" in "know" or "note" is not a label); returns the
+    matching ``labels`` entry stripped and lower-cased:
+
+    1. the last label in the last box holding one (``\\boxed{Yes}``, ``\\boxed{\\text{no}}``);
+    2. the label right after the last "answer is" / "Answer:" followed by one
+       ("The answer is: **Yes**", "final answer: $\\text{maybe}$");
+    3. the last standalone label word anywhere in the text.
+
+    ``labels`` is ignored for the other tasks (math and choice are unchanged by it).
+
     Returns a stripped, non-empty string or None (empty/whitespace text gives None).
-    Raises ValueError for an unknown task.
+    Raises ValueError for an unknown task, or for empty ``labels`` with ``task="label"``.
     """
     _check_task(task)
+    keys = _label_tuple(labels) if task == "label" else ()  # validated even for empty text
     if text is None or not text.strip():
         return None
     if task == "choice":
         return _extract_choice(text)
+    if task == "label":
+        return _extract_label(text, keys)
     boxes = _boxed_contents(text)
     if boxes:
         return boxes[-1]
@@ -418,6 +490,9 @@ def is_equivalent(a: str | None, b: str | None, task: str = "math", *, timeout: 
 
     ``task="choice"``: the letters compared case-insensitively (``"b" ≡ "(B)"``).
 
+    ``task="label"``: case-insensitive string equality after stripping surrounding whitespace
+    (``"Yes" ≡ "yes"``, ``"yes" !≡ "no"``).
+
     ``task="math"``, cheapest test first:
 
     1. exact match after light normalisation (math delimiters, spaces, trailing period,
@@ -436,6 +511,9 @@ def is_equivalent(a: str | None, b: str | None, task: str = "math", *, timeout: 
         return False
     if task == "choice":
         ka, kb = _choice_key(a), _choice_key(b)
+        return bool(ka) and ka == kb
+    if task == "label":
+        ka, kb = a.strip().lower(), b.strip().lower()
         return bool(ka) and ka == kb
     x, y = _normalise(a), _normalise(b)
     if not x or not y:
