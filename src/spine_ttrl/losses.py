@@ -1,4 +1,6 @@
-"""GRPO advantages, the clipped surrogate, SPINE's entropy band and the KL penalty.
+"""GRPO advantages, the clipped surrogate, SPINE's entropy band and the KL penalty, and the
+neighbours' variants: ETTRL's entropy-reshaped advantages, STEER's token weights, SIREN's
+anchored entropy penalty and Skywork-OR1's adaptive entropy coefficient.
 
 Every function here is pure: tensors in, tensors out, no trainer, no config object.
 "How to compute per token" lives here; "what to average over" is the ``normalizer``
@@ -35,6 +37,10 @@ __all__ = [
     "policy_loss",
     "kl_penalty",
     "quantile_linear",
+    "entropy_reshaped_advantages",
+    "steer_token_weights",
+    "anchored_entropy_penalty",
+    "adaptive_entropy_coef",
     "BANDS",
 ]
 
@@ -249,6 +255,131 @@ def kl_penalty(
     per_token = torch.exp(diff) - diff - 1
     per_token = torch.where(token_mask.bool(), per_token, torch.zeros_like(per_token))
     return per_token.sum() / normalizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Neighbours (paper §6): each a switch in the same loop
+# ---------------------------------------------------------------------------------------------
+
+
+def entropy_reshaped_advantages(
+    advantages: torch.Tensor, response_entropy: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """ETTRL's entropy-based advantage reshaping (EAR), within each group of ``group_size`` rows.
+
+        Y_i = 1 + (mean_g(H) − H_i) / mean_g(H),      A'_i = Y_i · A_i
+
+    H_i = ``response_entropy``: response i's mean token entropy over its completion tokens.
+    A response less uncertain than its group's average (H_i < mean) is up-weighted (Y > 1), a
+    more uncertain one down-weighted; Y is not clipped, so H_i > 2·mean gives Y < 0 (the
+    formula as published). A group whose mean entropy is 0 is returned unchanged (Y = 1).
+    Example: H = (1, 3), mean 2 → Y = (1.5, 0.5). Both inputs are treated as constants (no
+    gradient; advantages never carry one).
+
+    Shapes: advantages (B,), response_entropy (B,), B a multiple of ``group_size`` → (B,),
+    in ``advantages``' dtype (float32 for an integer tensor).
+    """
+    advantages = torch.as_tensor(advantages).detach()
+    if not advantages.is_floating_point():
+        advantages = advantages.to(torch.float32)
+    h = torch.as_tensor(response_entropy).detach().to(device=advantages.device, dtype=torch.float64)
+    if advantages.dim() != 1 or h.shape != advantages.shape:
+        raise ValueError(f"advantages and response_entropy must both be (B,), got "
+                         f"{tuple(advantages.shape)} and {tuple(h.shape)}")
+    if group_size < 1 or advantages.numel() % group_size:
+        raise ValueError(f"B={advantages.numel()} is not a multiple of group_size={group_size}")
+    grouped = h.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    safe = torch.where(mean == 0, torch.ones_like(mean), mean)
+    y = torch.where(mean == 0, torch.ones_like(grouped), 1 + (mean - grouped) / safe)
+    return (y.reshape(-1) * advantages.to(torch.float64)).to(advantages.dtype)
+
+
+def steer_token_weights(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    entropy: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    w_min: float = 0.8,
+    w_max: float = 1.2,
+) -> torch.Tensor:
+    """STEER's per-token loss weights from a first-order estimate of each token's entropy change.
+
+        x = clamp(exp(logp), 1e−8, 1 − 1e−8)        probability of the sampled token
+        Ω = −(A / exp(old_logp)) · x (1 − x) (log x + H)
+        w = w_max − (|Ω| − min|Ω|) / (max|Ω| − min|Ω|) · (w_max − w_min)
+
+    min/max over the masked tokens of the whole batch (linear symmetric mode): the token whose
+    update moves the entropy least gets ``w_max``, the one moving it most ``w_min``. All |Ω|
+    equal (or no masked token) → 1.0 on the masked tokens; unmasked tokens get 0. The weights
+    multiply the per-token policy loss. Example, A = 1, old_logp = logp, H = 0: x = 0.5 gives
+    |Ω| = (1/0.5)·0.25·ln 2 = 0.3466, x = 0.9 gives (1/0.9)·0.09·ln(1/0.9) = 0.0105 → weights
+    0.8 and 1.2.
+
+    Shapes: logp, old_logp, entropy, mask (B, T); advantages (B,) (or (B, T)) → (B, T) in
+    ``logp``'s dtype, computed without gradient (float64 inside).
+    """
+    with torch.no_grad():
+        mask = mask.bool()
+        adv = advantages.detach().to(torch.float64)
+        if adv.dim() == 1:
+            adv = adv.unsqueeze(1)
+        x = torch.exp(logp.detach().to(torch.float64)).clamp(1e-8, 1 - 1e-8)
+        h = entropy.detach().to(torch.float64)
+        omega = -(adv / torch.exp(old_logp.detach().to(torch.float64))) * x * (1 - x) * (torch.log(x) + h)
+        size = omega.abs()
+        weights = torch.zeros_like(size)
+        if mask.any():
+            lo, hi = size[mask].min(), size[mask].max()
+            if hi > lo:
+                scaled = w_max - (size - lo) / (hi - lo) * (w_max - w_min)
+            else:
+                scaled = torch.ones_like(size)
+            weights = torch.where(mask, scaled, weights)
+        return weights.to(logp.dtype)
+
+
+def anchored_entropy_penalty(
+    entropy: torch.Tensor, target: float | torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """SIREN's self-anchor: a masked MSE pulling token entropies toward a fixed target.
+
+        P = Σ_{i,t} m_{i,t} (H_{i,t} − target_{i,t})² / max(Σ m, 1)
+
+    ``target`` is a scalar or a tensor broadcastable to (B, T) (in SIREN, the entropy of the
+    same positions at the start of adaptation); it is a constant (detached). Gradient flows
+    through ``entropy``: dP/dH = 2 m (H − target) / max(Σ m, 1). No masked token → 0.
+    Example: H = (1, 3), target 2, both masked → (1 + 1)/2 = 1.
+
+    Shapes: entropy (B, T), mask (B, T) bool, target scalar or (B, T) → 0-d tensor.
+    """
+    mask = mask.bool()
+    if isinstance(target, torch.Tensor):
+        target = target.detach().to(entropy.dtype)
+    diff = entropy - target
+    # torch.where before squaring, not a multiplication after: a NaN/inf entropy on padding
+    # would otherwise give NaN in the value (NaN·0) or in the gradient (2·NaN·0).
+    diff = torch.where(mask, diff, torch.zeros_like(diff))
+    return (diff**2).sum() / mask.sum().clamp(min=1).to(diff.dtype)
+
+
+def adaptive_entropy_coef(
+    coef: float, entropy: float | torch.Tensor, target: float, delta: float, max_coef: float
+) -> float:
+    """Skywork-OR1's adaptive entropy-bonus coefficient, updated once per step.
+
+        coef' = clamp(coef + δ, 0, max_coef)   if entropy ≤ target   (too little exploration)
+        coef' = clamp(coef − δ, 0, max_coef)   otherwise
+
+    ``entropy`` is the step's mean token entropy (a float or a 0-d tensor). The loss then adds
+    −coef' · mean entropy (an entropy bonus). Example: coef 0.01, δ 0.005, target 0.2:
+    entropy 0.1 → 0.015; entropy 0.3 → 0.005; from 0.002 with entropy 0.3 → 0.0 (clamped).
+    Returns a Python float.
+    """
+    value = float(entropy.detach()) if isinstance(entropy, torch.Tensor) else float(entropy)
+    coef = coef + delta if value <= target else coef - delta
+    return float(min(max(coef, 0.0), max_coef))
 
 
 def _no_band(entropies, fork_mask, low_q, high_q):
