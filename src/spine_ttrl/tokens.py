@@ -8,6 +8,10 @@ exists for at most ``chunk_size`` rows at a time, in the forward *and* in the ba
 backward recomputes each chunk's softmax instead of keeping it). One chunk loop, :class:`_ChunkLoop`,
 serves the forward and the backward of both paths.
 
+Two neighbours' signals live here too: ARES's :func:`window_entropy` (entropy averaged over the next
+w tokens) and SIREN's :func:`nucleus_entropy` (entropy of the top-p nucleus, chunked like
+:func:`token_entropy`).
+
 Forking-token selection (:func:`top_entropy_mask`, :func:`entropy_threshold`, :func:`otsu_mask`) lives
 in :mod:`spine_ttrl.selection`; the three are re-exported here, so ``spine_ttrl.tokens.otsu_mask`` keeps
 working.
@@ -35,6 +39,8 @@ __all__ = [
     "token_entropy",
     "token_logprobs",
     "logprobs_and_entropy",
+    "window_entropy",
+    "nucleus_entropy",
     "top_entropy_mask",
     "entropy_threshold",
     "otsu_mask",
@@ -529,3 +535,147 @@ def logprobs_and_entropy(
         guard,
     )
     return lp.reshape(lead), ent.reshape(lead)
+
+
+# ---------------------------------------------------------------------------------------------
+# Neighbours: ARES's window entropy, SIREN's nucleus entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def window_entropy(entropies: torch.Tensor, token_mask: torch.Tensor, window: int = 5) -> torch.Tensor:
+    """ARES's window entropy: the mean entropy of the next ``window`` tokens of the same response.
+
+        H̄_{i,t} = Σ_{s=t}^{t+w−1} m_{i,s} H_{i,s} / Σ_{s=t}^{t+w−1} m_{i,s}     where m_{i,t} = 1
+        H̄_{i,t} = 0                                                            where m_{i,t} = 0
+
+    Only valid positions of the window count (m = ``token_mask``), so near the end of a response
+    the window holds fewer tokens, and padding (even NaN) never enters. Window 1 is H itself on
+    the mask. Example, H = (1, 2, 3, 4, 5), w = 2: (1.5, 2.5, 3.5, 4.5, 5).
+
+    Vectorised with cumulative sums along T (in float64, so long rows lose no precision):
+    S_t = C_{min(t+w, T)} − C_t with C the zero-prefixed cumsum. Differentiable w.r.t.
+    ``entropies``. Shapes: entropies (B, T), token_mask (B, T) bool → (B, T) in ``entropies``'
+    dtype. ``window`` < 1 → ValueError.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    if entropies.dim() != 2 or tuple(token_mask.shape) != tuple(entropies.shape):
+        raise ValueError(f"entropies and token_mask must both be (B, T), got "
+                         f"{tuple(entropies.shape)} and {tuple(token_mask.shape)}")
+    mask = token_mask.bool()
+    h = torch.where(mask, entropies.to(torch.float64), torch.zeros((), dtype=torch.float64, device=mask.device))
+    m = mask.to(torch.float64)
+    t = entropies.shape[1]
+    zero = h.new_zeros(h.shape[0], 1)
+    csum_h = torch.cat([zero, h.cumsum(1)], dim=1)  # (B, T + 1): csum[:, t] = Σ_{s<t}
+    csum_m = torch.cat([zero, m.cumsum(1)], dim=1)
+    start = torch.arange(t, device=mask.device)
+    end = (start + window).clamp(max=t)
+    total = csum_h[:, end] - csum_h[:, start]
+    count = csum_m[:, end] - csum_m[:, start]
+    out = torch.where(mask, total / count.clamp(min=1), torch.zeros_like(total))
+    return out.to(entropies.dtype)
+
+
+def _nucleus_chunk(z: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log q, q, H) of a (c, V) chunk of scaled logits, q = softmax restricted to the nucleus.
+
+    Nucleus: in descending order of probability (a stable sort: of equal probabilities the lower
+    vocabulary index ranks first), a token is kept while the mass ranked above it is < top_p --
+    :func:`spine_ttrl.engine.sampling.top_p_filter`'s rule. Outside it q = 0 and log q is set to
+    0, so q log q and q (log q + H) are 0 there (also for -inf logits).
+    """
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True, stable=True)
+        p = torch.softmax(sorted_z, dim=-1)
+        keep_sorted = (p.cumsum(dim=-1) - p) < top_p
+        del sorted_z, p
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        z = z.masked_fill(~keep, float("-inf"))
+    logq = torch.log_softmax(z, dim=-1)
+    q = logq.exp()
+    logq = logq.masked_fill(q == 0, 0.0)
+    return logq, q, -(q * logq).sum(-1)
+
+
+class _NucleusEntropy(torch.autograd.Function):
+    """Chunked nucleus entropy of (N, V) logits; saves only the logits, backward recomputes.
+
+    d H / d z_j = −q_j (log q_j + H) inside the nucleus and 0 outside: the nucleus (which tokens
+    are kept) is piecewise constant in z, so it carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, top_p, chunk_size, temperature):
+        sdt = _softmax_dtype(logits.dtype)
+        ent = logits.new_empty(logits.shape[0], dtype=sdt)
+        for s in range(0, logits.shape[0], chunk_size):
+            z = logits[s : s + chunk_size].to(sdt)
+            z = z if temperature is None else z / temperature
+            ent[s : s + chunk_size] = _nucleus_chunk(z, top_p)[2]
+        ctx.save_for_backward(logits)
+        ctx.top_p, ctx.chunk_size, ctx.temperature = top_p, chunk_size, temperature
+        return ent
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (logits,) = ctx.saved_tensors
+        sdt = _softmax_dtype(logits.dtype)
+        g = g.to(sdt) * (1.0 if ctx.temperature is None else 1.0 / ctx.temperature)  # z = logits / T
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk_size):
+            z = logits[s : s + ctx.chunk_size].to(sdt)
+            z = z if ctx.temperature is None else z / ctx.temperature
+            logq, q, h = _nucleus_chunk(z, ctx.top_p)
+            gz = logq.add_(h.unsqueeze(-1)).mul_(q).mul_(-g[s : s + ctx.chunk_size].unsqueeze(-1))
+            grad[s : s + ctx.chunk_size] = gz
+        return grad, None, None, None
+
+
+def nucleus_entropy(
+    logits: torch.Tensor,
+    top_p: float,
+    temperature: float | None = 1.0,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """SIREN's entropy of the top-p nucleus only, renormalised, in nats.
+
+        z = logits / temperature,  p = softmax(z)
+        K = the smallest set of most likely tokens whose probability reaches top_p: sorted by
+            descending p, token k is in K iff Σ_{j ranked above k} p_j < top_p
+        q_v = p_v / Σ_{u∈K} p_u  for v ∈ K (0 outside),   H = −Σ_{v∈K} q_v log q_v
+
+    Ties at the boundary follow the sort order: a stable descending sort, so of equal
+    probabilities the lower vocabulary index is kept first. This is the sampler's nucleus
+    (:func:`spine_ttrl.engine.sampling.top_p_filter`) for the same logits and temperature.
+    ``top_p`` must lie in (0, 1]; ``top_p = 1`` keeps every token and gives
+    :func:`token_entropy`. Example: p = (0.5, 0.3, 0.2), top_p = 0.7 → K = the first two,
+    q = (0.625, 0.375), H = 0.6616.
+
+    ============  ===========  ==========================================
+    argument      shape        dtype
+    ============  ===========  ==========================================
+    logits        (..., V)     any float
+    returns       (...)        fp32 (fp64 for fp64 logits)
+    ============  ===========  ==========================================
+
+    Differentiable w.r.t. ``logits`` (dH/dz_j = −q_j (log q_j + H) in K, 0 outside; the choice
+    of K carries no gradient). Memory: rows are processed ``chunk_size`` at a time in forward
+    and backward (the backward recomputes each chunk from the saved logits), so the sorted
+    copy, the sort indices and the softmax exist for at most ``chunk_size`` rows at once.
+    Double backward is not supported.
+    """
+    if logits.dim() < 1 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating (..., V) tensor, got {logits.dtype} {tuple(logits.shape)}")
+    try:
+        p = float(top_p)
+    except (TypeError, ValueError):
+        p = float("nan")
+    if isinstance(top_p, (bool, str)) or not 0.0 < p <= 1.0:  # NaN fails the comparison too
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    tau = _check_chunk_and_temperature(chunk_size, temperature)
+    lead, vocab = logits.shape[:-1], logits.shape[-1]
+    ent = _NucleusEntropy.apply(logits.reshape(-1, vocab), p, chunk_size, tau)
+    return ent.reshape(lead)
