@@ -4,6 +4,7 @@ and a two-step ``trainer.train()`` on CPU with a tiny random Llama and an offlin
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -17,14 +18,18 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
+from spine_ttrl.answers import majority_vote  # noqa: E402
 from spine_ttrl.integrations.trl import (  # noqa: E402
+    SPINE_STATE_FILE,
     SUPPORTED_LOSS_TYPES,
     SpineGRPOConfig,
     SpineGRPOTrainer,
     gathered_group_rewards,
+    kept_vote_rewards,
     vote_groups,
+    vote_plan,
 )
-from spine_ttrl.losses import BANDS, band_penalty, kl_penalty  # noqa: E402
+from spine_ttrl.losses import BANDS, band_penalty, kl_penalty, pooled_band_edges  # noqa: E402
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>"] + [str(i) for i in range(10)] + "what is plus times the answer".split()
 PROMPTS = ["what is 1 plus 2", "what is 3 times 4", "what is 5 plus 6", "what is 7 times 8"]
@@ -134,10 +139,17 @@ def test_unsupported_settings_are_refused(tmp_path):
     base = dict(output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=4, use_cpu=True, bf16=False)
     for bad, words in [({"loss_type": "cispo"}, "loss_type"), ({"beta": 0.1}, "kl_coef"),
                        ({"top_entropy_quantile": 0.2}, "selection"), ({"entropy_coef": 0.01}, "band"),
-                       ({"num_votes": 8}, "num_votes"), ({"selection": "bottom"}, "selection"),
-                       ({"epsilon_high": 0.28}, "epsilon_high")]:
+                       ({"num_votes": 2}, "num_votes"), ({"selection": "bottom"}, "selection"),
+                       ({"epsilon_high": 0.28}, "epsilon_high"), ({"band_anchor": "last"}, "band_anchor"),
+                       ({"band_anchor": "first", "band": "none"}, "band_anchor=first needs a band")]:
         with pytest.raises(ValueError, match=words):
             SpineGRPOConfig(**base, **bad)
+    SpineGRPOConfig(**base, num_votes=6)  # votes > samples, not a multiple: fine with TRL's own generation
+    # (with vLLM, num_votes = 6 would be refused only when groups straddle processes: not in one process)
+    with pytest.raises(ValueError, match="rollout_func"):
+        SpineGRPOTrainer(model=tiny_model(), args=SpineGRPOConfig(**base, num_votes=8),
+                         train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tiny_tokenizer(),
+                         rollout_func=lambda prompts, trainer: {})
     with pytest.raises(ValueError, match="reward_funcs"):
         SpineGRPOTrainer(model=tiny_model(), reward_funcs=[lambda **k: [0.0]], args=SpineGRPOConfig(**base),
                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tiny_tokenizer())
@@ -191,6 +203,53 @@ def test_band_gradient_matches_plain_entropies(tmp_path, band):
     assert ours > 0
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_band_anchor_first_is_pooled_once_then_fixed(tmp_path):
+    """band_anchor=first: the built-in engine's pooled band (pooled_band_edges over every forking token
+    of the first generation batch), then the same edges for every response of every later batch."""
+    trainer = make_trainer(tmp_path, selection="top", rho=0.5, band="mad", band_anchor="first")
+    trainer.model.train()
+    seen = []
+    for seed in (0, 1):
+        batch = fake_batch(trainer, seed=seed)
+        batch["completion_mask"][2] = 0  # a row without completion tokens: no fork, no band (NaN edges)
+        trainer._attach_selection(batch, "train")
+        mask = batch["completion_mask"].bool()
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        with torch.no_grad():
+            _, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, mask.size(1),
+                                                                   compute_entropy=True)
+        ent = ent.masked_fill(~mask, 0.0)
+        fork = batch["spine_fork_mask"]
+        has = fork.any(dim=1)
+        n = int(has.sum())
+        assert not has[2] and 3 <= n < 8
+        seen.append((pooled_band_edges(ent, fork, "mad", 0.1, 0.5), BANDS["mad"](ent, fork, 0.1, 0.5)[0]))
+        lo, hi = trainer._spine_band_anchor
+        assert (lo, hi) == pytest.approx(seen[0][0])  # the first batch's pooled band, kept
+        assert torch.equal(batch["spine_band_low"][has], torch.full((n,), lo))
+        assert torch.equal(batch["spine_band_high"][has], torch.full((n,), hi))
+        assert batch["spine_band_low"][~has].isnan().all() and batch["spine_band_high"][~has].isnan().all()
+        assert trainer._metrics["train"]["band/anchor_low"][-1] == pytest.approx(lo)
+    assert seen[1][0] != pytest.approx(seen[0][0])  # the second batch's own pooled band differs: not used
+    assert not torch.allclose(seen[1][1][has], torch.full((n,), lo))  # as does its per-response band
+
+
+def test_band_anchor_survives_a_checkpoint(tmp_path):
+    kw = dict(band_anchor="first", save_strategy="steps", save_steps=1, max_steps=1)
+    trainer = make_trainer(tmp_path, **kw)
+    trainer.train()
+    anchor = trainer._spine_band_anchor
+    assert anchor is not None
+    ckpt = tmp_path / "out" / "checkpoint-1"
+    assert json.loads((ckpt / SPINE_STATE_FILE).read_text()) == {"band_anchor": list(anchor)}
+    resumed = make_trainer(tmp_path, **{**kw, "max_steps": 2})
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed._spine_band_anchor == anchor  # restored, not recomputed at the resumed run's first batch
+    last = [h for h in resumed.state.log_history if "band/anchor_low" in h][-1]
+    assert (last["band/anchor_low"], last["band/anchor_high"]) == pytest.approx(anchor)
 
 
 def test_grpo_row_weights_and_selected_kl_normaliser(tmp_path):
@@ -266,6 +325,115 @@ def test_calculate_rewards_single_process(tmp_path):
     assert rewards.shape == (8, 1)
     assert rewards[:, 0].tolist() == [0.75, 0.75, 0.25, 0.75, 0.5, 0.5, 0.0, 0.25]
     assert trainer._metrics["train"]["vote/majority_ratio"][-1] == pytest.approx((0.75 + 0.5) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# (c') votes ≠ trained samples: all num_votes vote, a uniformly random num_generations are trained
+# ---------------------------------------------------------------------------------------------
+
+
+def test_vote_plan_blocks_and_uniform_kept_subset():
+    plan = vote_plan(6, 3, 7, torch.Generator().manual_seed(0))  # 2 groups of G=3 rows, V=7 votes each
+    assert [list(plan.block(s)) for s in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]  # ceil / floor(7/3) each
+    assert [plan.slot_of(v) for v in range(7)] == [0, 0, 0, 1, 1, 2, 2]
+    for g, kept in enumerate(plan.kept):
+        assert len(set(kept)) == 3 and list(kept) == sorted(kept) and all(0 <= v < 7 for v in kept)
+        assert [plan.target_row(g, v) for v in kept] == [3 * g, 3 * g + 1, 3 * g + 2]
+        assert all(plan.target_row(g, v) is None for v in set(range(7)) - set(kept))
+    assert vote_plan(6, 3, 7, torch.Generator().manual_seed(0)) == plan  # same seed, same plan (every rank)
+    # Shuffle then keep: each of the C(6, 2) = 15 subsets equally likely (4000 draws: about 267 each).
+    gen = torch.Generator().manual_seed(1)
+    counts: dict = {}
+    for _ in range(2000):
+        for kept in vote_plan(4, 2, 6, gen).kept:
+            counts[kept] = counts.get(kept, 0) + 1
+    assert len(counts) == 15 and 200 < min(counts.values()) <= max(counts.values()) < 340, counts
+    with pytest.raises(ValueError):
+        vote_plan(4, 2, 1, gen)  # fewer votes than trained rows
+
+
+def test_kept_vote_rewards_use_the_whole_group():
+    plan = vote_plan(4, 2, 5, torch.Generator().manual_seed(0))
+    answers = [["3", "4", "3", "4", "3"], ["1", None, "2", "2", "2"]]
+    votes = [(g, v, answers[g][v]) for g in (1, 0) for v in range(5)]  # any order
+    rewards, ratios = kept_vote_rewards(votes, plan)
+    assert ratios == [0.6, 0.6]
+    assert rewards == [float(answers[g][v] == ("3", "2")[g]) for g in range(2) for v in plan.kept[g]]
+    freq, _ = kept_vote_rewards(votes, plan, reward="frequency")
+    assert freq == [answers[g].count(answers[g][v]) / 5 if answers[g][v] else 0.0
+                    for g in range(2) for v in plan.kept[g]]
+    with pytest.raises(ValueError, match="exactly once"):
+        kept_vote_rewards(votes[:-1], plan)
+
+
+# Each prompt's fixed votes, in generation order (position k is "k the answer is a"): full-group
+# majority 3 (P0), 7 (P1), 2 (P2); P3 has no majority above one vote (first cluster wins, 5).
+FIXED_VOTES = {PROMPTS[0]: ["3", "4", "3", "5", "3", "6"], PROMPTS[1]: ["7", "8", "8", "7", "9", "7"],
+               PROMPTS[2]: ["1", "2", "2", "1", "2", "0"], PROMPTS[3]: ["5", "6", "7", "8", "9", "0"]}
+
+
+def fixed_generation(calls: list):
+    """TRL's generation replaced by FIXED_VOTES, handed out per prompt in request order."""
+
+    def generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        tok = self.processing_class
+        calls.append((len(prompt_ids), num_generations))
+        served: dict = {}
+        out = []
+        for ids in prompt_ids:
+            prompt = tok.decode(ids)
+            k = served.get(prompt, 0)
+            served[prompt] = k + 1
+            text = f"{k} the answer is {FIXED_VOTES[prompt][k]}"
+            out.append(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        return out, None
+
+    return generate
+
+
+@pytest.mark.parametrize("reward", ["majority", "frequency"])
+def test_votes_train_a_random_subset_rewarded_by_the_whole_vote(tmp_path, monkeypatch, reward):
+    calls: list = []
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fixed_generation(calls))
+    trainer = make_trainer(tmp_path, num_generations=2, num_votes=6, reward=reward, selection="all", band="none")
+    trainer.model.train()
+    captured = []
+    inner = trainer._calculate_rewards
+
+    def spy(inputs, prompts, completions, completion_ids_list):
+        out = inner(inputs, prompts, completions, completion_ids_list)
+        captured.append(([str(c) for c in completions], out[:, 0].tolist()))
+        return out
+
+    trainer._calculate_rewards = spy
+    inputs = [{"prompt": p} for p in PROMPTS for _ in range(2)]  # 4 groups of G=2 trained rows
+    full = {p: majority_vote(v, "math") for p, v in FIXED_VOTES.items()}  # the vote over all 6, by hand
+    assert [full[p].label for p in PROMPTS] == ["3", "7", "2", "5"]
+    kept_sets, subset_differs = set(), False
+    for step in range(6):
+        trainer.state.global_step = step  # a new step: a new kept subset
+        out = trainer._generate_and_score_completions(inputs)
+        assert calls[-1] == (24, 6)  # 6 votes per prompt generated, in one call
+        assert out["completion_ids"].shape[0] == 8 and out["advantages"].shape == (8,)
+        completions, rewards = captured[-1]
+        for g, p in enumerate(PROMPTS):
+            rows = completions[2 * g:2 * g + 2]
+            positions = [int(t.split()[0]) for t in rows]
+            answers = [t.split()[-1] for t in rows]
+            assert positions == sorted(set(positions)) and answers == [FIXED_VOTES[p][k] for k in positions]
+            expect = [float(a == full[p].label) if reward == "majority" else FIXED_VOTES[p].count(a) / 6
+                      for a in answers]
+            assert rewards[2 * g:2 * g + 2] == pytest.approx(expect)
+            kept_sets.add((g, tuple(positions)))
+            subset_differs |= majority_vote(answers, "math").label != full[p].label
+        ratio = sum(full[p].ratio for p in PROMPTS) / 4  # over all 6 votes, not the 2 kept
+        assert trainer._metrics["train"]["vote/majority_ratio"][-1] == pytest.approx(ratio)
+    assert subset_differs  # some kept pair's own majority is not the group's: its rewards follow the group
+    assert len(kept_sets) > 8  # the kept subset changes with the step
+    trainer.model.eval()  # evaluation: no extra votes
+    trainer.num_generations_eval = 2
+    trainer._generate_and_score_completions(inputs)
+    assert calls[-1] == (8, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,29 @@ pure functions, called from two TRL hooks.
   over processes is voted on whole, once, on the main process
   (:data:`spine_ttrl.rewards.REWARDS`), and the rewards are broadcast back in TRL's gathered
   shape ``(num_processes × local rows, 1)``. No ``reward_funcs`` are needed.
+- **Votes ≠ trained samples** (``num_votes`` > ``num_generations``, e.g. 64 votes, 32 trained;
+  ``_generate_single_turn``, training only). ``num_generations`` stays the number of *trained*
+  completions per prompt, so TRL's grouping, batch sizes, advantages and normalisers are unchanged.
+  The generation step asks TRL's generator (transformers or vLLM) for ``num_votes`` completions of
+  every group: trained row r = slot s of its group generates a block of ⌊V/G⌋ or ⌈V/G⌉ of the
+  group's vote positions 0 .. V − 1 (:class:`VotePlan`), so the votes are spread over processes
+  like the rows. A generator seeded from ``args.seed``, the optimiser step and the micro-step
+  (identical on every process) draws each group's kept positions: shuffle range(V), keep the first
+  G, sort -- a uniformly random G-subset, independent of the answers and of which process
+  generated what. Every vote's answer is extracted from its decoded text and stashed; the kept
+  completion of each row is returned to TRL (sent to its row's process with one ``gather_object``
+  when a group straddles processes), so old/reference log-probs and the behaviour-entropy pass
+  see only the kept rows. ``_calculate_rewards`` then gathers all answers, votes once over each
+  group's *V* answers (in position order) and gives each trained row the reward of its kept answer
+  in that vote; ``vote/majority_ratio`` is over all V votes, ``reward/mean`` over the trained rows
+  (TRL's ``completions/*`` metrics too). Cost: generation of V/G times as many completions
+  (one generator call with V/G times the rows: the memory of TRL's generation batch grows alike,
+  lower ``per_device_train_batch_size × steps_per_generation`` or use vLLM), decoding and answer
+  extraction of all votes, and moving at most the kept completions between processes; no forward
+  pass is spent on a dropped vote. Text-only prompts, TRL's single-turn generation (no
+  ``rollout_func``, tools or environments); with vLLM every process must generate as many votes
+  (``num_votes % num_generations == 0`` or whole groups per process). Evaluation votes over its
+  own ``num_generations_eval`` completions.
 - **Selection and band** (after ``_generate_and_score_completions``): one no-grad pass of the
   current (= behaviour) policy over the process's whole generation batch gives the behaviour
   entropies; they are gathered across processes (padded to a common length), and the forking mask
@@ -16,7 +39,13 @@ pure functions, called from two TRL hooks.
   (:data:`spine_ttrl.losses.BANDS`) are computed on that pool -- the *whole generation batch of
   all processes* (``generation_batch_size`` completions), before TRL shuffles and splits it into
   ``steps_per_generation`` micro-batches. Each process keeps its rows. This pass is skipped for
-  ``selection="all"`` with ``band="none"`` (nothing to select).
+  ``selection="all"`` with ``band="none"`` (nothing to select). The selection is the built-in
+  engine's (:func:`spine_ttrl.update.select_forks`), so ``band_anchor="first"`` means the same:
+  one band [low, high] pooled over all forking tokens of the first generation batch of all
+  processes (:func:`spine_ttrl.losses.pooled_band_edges`), then the same edges for every response
+  for the rest of the run. The anchor is written to ``spine_state.json`` in each checkpoint folder
+  and read back on ``resume_from_checkpoint`` (a checkpoint without the file: recomputed at the
+  first generation after the resume).
 - **Loss** (``_compute_loss``): log-probs and entropies *with gradient* from TRL's fused LM head
   (``_get_per_token_logps_and_entropies(..., compute_entropy=True)``; in TRL 1.16 its entropy
   output is differentiable), then :func:`~spine_ttrl.losses.policy_loss`,
@@ -53,13 +82,16 @@ of the whole generation batch are kept, exactly k (ties by index).
 Not supported (ValueError at config time): TRL's ``beta`` (use ``kl_coef``), ``top_entropy_quantile``
 (use ``selection``/``rho``), ``entropy_coef``/adaptive entropy (use the band), ``delta``,
 asymmetric ``epsilon_high``, ``importance_sampling_level="sequence"``, ``off_policy_mask_threshold``,
-``use_bias_correction_kl``, and ``num_votes`` different from ``num_generations`` (votes ≠
-samples: use the built-in engine). Text-only models (vision inputs are passed through untested).
+``use_bias_correction_kl``, and ``num_votes`` < ``num_generations``. Text-only models (vision
+inputs are passed through untested; refused with ``num_votes`` > ``num_generations``).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -68,17 +100,19 @@ try:
 except ImportError as e:  # tested by simulating a missing trl
     raise ImportError("spine_ttrl.integrations.trl needs TRL: pip install 'spine-ttrl[trl]'") from e
 
+import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, gather_object, is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..answers import TASKS, extract_answer, majority_vote
 from ..losses import BANDS, band_penalty, kl_penalty, policy_loss
 from ..rewards import REWARDS
-from ..selection import SELECTIONS, select_tokens
+from ..selection import SELECTIONS
 
 # The public API. The pure helpers below (vote_groups, gathered_group_rewards, SUPPORTED_LOSS_TYPES)
 # are importable for tests and other adapters but not part of it.
@@ -86,6 +120,9 @@ __all__ = ["SpineGRPOConfig", "SpineGRPOTrainer"]
 
 SUPPORTED_LOSS_TYPES = ("dapo", "bnpo", "dr_grpo", "grpo")
 """TRL ``loss_type`` values whose normaliser :class:`SpineGRPOTrainer` reproduces."""
+
+SPINE_STATE_FILE = "spine_state.json"
+"""The file in a TRL checkpoint folder that holds the anchored band (``band_anchor=first``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,13 +158,14 @@ class SpineGRPOConfig(GRPOConfig):
     kl_tokens: str = _f("selected", "Tokens the KL is computed on: selected (forking) tokens or all completion tokens.")
     reward: str = _f("majority", "Label-free reward: majority (1 if the answer is in the group's majority cluster, TTRL) or frequency (share of the group's votes for the answer).")
     task: str = _f("math", "Answer format for extraction and voting: math (boxed / 'answer is' / last number) or choice (option letter A-J).")
-    num_votes: int | None = _f(None, "Completions per prompt that vote; None = num_generations. Only num_generations is supported here (votes != samples needs the built-in engine).")
+    num_votes: int | None = _f(None, "Completions generated per prompt that vote (>= num_generations; None = num_generations). With num_votes > num_generations all of them vote and a uniformly random num_generations of them are trained, chosen before any scoring pass.")
+    band_anchor: str = _f("none", "Where the band edges come from: none = each response's own forking tokens at every generation; first = pooled over all forking tokens of the first generation batch (all processes), then fixed for the run (saved in checkpoints).")
 
     def __post_init__(self):
         super().__post_init__()
         choices = {"selection": tuple(SELECTIONS), "scope": ("batch", "group", "response"), "band": tuple(BANDS),
                    "kl_tokens": ("selected", "all"), "reward": tuple(REWARDS), "task": TASKS,
-                   "loss_type": SUPPORTED_LOSS_TYPES}
+                   "loss_type": SUPPORTED_LOSS_TYPES, "band_anchor": ("none", "first")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -135,9 +173,15 @@ class SpineGRPOConfig(GRPOConfig):
             (0.0 <= self.rho <= 1.0, f"rho must be in [0, 1], got {self.rho}"),
             (0.0 <= self.band_low_q <= self.band_high_q <= 1.0, "need 0 <= band_low_q <= band_high_q <= 1"),
             (self.kl_coef >= 0.0, f"kl_coef must be >= 0, got {self.kl_coef}"),
-            (self.num_votes in (None, self.num_generations),
-             f"num_votes ({self.num_votes}) must be None or num_generations ({self.num_generations}); votes != "
-             "samples is only in the built-in engine"),
+            (self.num_votes is None or self.num_votes >= self.num_generations,
+             f"num_votes ({self.num_votes}) must be None or >= num_generations ({self.num_generations}): "
+             "num_generations completions per prompt are trained, num_votes vote"),
+            (not self.use_vllm or self.num_votes is None or self.num_votes % self.num_generations == 0
+             or self.per_device_train_batch_size * self.steps_per_generation % self.num_generations == 0,
+             "with vLLM, num_votes > num_generations needs num_votes % num_generations == 0 or whole groups per "
+             "process (per_device_train_batch_size * steps_per_generation % num_generations == 0): vLLM needs "
+             "the same number of votes on every process"),
+            (self.band_anchor == "none" or self.band != "none", "band_anchor=first needs a band (band=quantile or mad)"),
             (self.beta == 0.0, "set kl_coef, not beta: SpineGRPOTrainer computes its own (masked) KL"),
             (self.top_entropy_quantile == 1.0, "top_entropy_quantile is TRL's own forking mask: use selection='top' and rho"),
             (self.entropy_coef == 0.0 and not self.use_adaptive_entropy, "entropy_coef / use_adaptive_entropy: use the entropy band (band=...) instead"),
@@ -177,19 +221,87 @@ def vote_groups(answers: Sequence[str | None], group_size: int, reward: str = "m
     return rewards, ratios
 
 
-def gathered_group_rewards(local_answers: Sequence[str | None], group_size: int, *, reward: str = "majority",
+@dataclass(frozen=True)
+class VotePlan:
+    """Which votes each trained row generates, and which vote it keeps (``num_votes`` > ``num_generations``).
+
+    Global trained row r (TRL's order over all processes) is slot s = r mod G of group g = r div G.
+    Group g's V votes have positions 0 .. V − 1 (the order the vote sees them in); slot s generates the
+    consecutive block :meth:`block` (⌊V/G⌋ or ⌈V/G⌉ votes, so generation is spread like the rows).
+    ``kept[g]`` holds the G kept positions of group g in increasing order, a uniformly random G-subset
+    of range(V) (shuffle, keep the first G, sort); slot s trains on the vote at ``kept[g][s]``, which
+    may have been generated by another slot of the group, on another process.
+    """
+
+    group_size: int
+    num_votes: int
+    kept: tuple[tuple[int, ...], ...]
+
+    def block(self, slot: int) -> range:
+        """The vote positions slot ``slot`` of a group generates."""
+        q, rem = divmod(self.num_votes, self.group_size)
+        start = slot * q + min(slot, rem)
+        return range(start, start + q + (slot < rem))
+
+    def slot_of(self, position: int) -> int:
+        """The slot whose :meth:`block` holds vote ``position``."""
+        q, rem = divmod(self.num_votes, self.group_size)
+        return position // (q + 1) if position < rem * (q + 1) else rem + (position - rem * (q + 1)) // q
+
+    def target_row(self, group: int, position: int) -> int | None:
+        """The global row that trains on vote ``position`` of ``group``, or None if it is dropped."""
+        kept = self.kept[group]
+        return group * self.group_size + kept.index(position) if position in kept else None
+
+
+def vote_plan(num_rows: int, group_size: int, num_votes: int, generator: torch.Generator) -> VotePlan:
+    """A :class:`VotePlan` for ``num_rows`` trained rows (whole groups), drawn from ``generator``."""
+    if group_size < 1 or num_rows % group_size or num_votes < group_size:
+        raise ValueError(f"need whole groups of {group_size} rows (got {num_rows}) and num_votes >= group size")
+    kept = tuple(tuple(sorted(torch.randperm(num_votes, generator=generator)[:group_size].tolist()))
+                 for _ in range(num_rows // group_size))
+    return VotePlan(group_size, num_votes, kept)
+
+
+def kept_vote_rewards(votes: Sequence[tuple[int, int, str | None]], plan: VotePlan, reward: str = "majority",
+                      task: str = "math") -> tuple[list[float], list[float]]:
+    """The vote of :func:`vote_groups` over all ``num_votes`` answers of each group, read at the kept rows.
+
+    ``votes``: ``(group, position, answer)`` for every vote of every group (any order). Returns
+    ``(rewards, ratios)``: the reward of each trained row (global row order) -- the reward its kept
+    answer earns in the full group's vote -- and each group's majority ratio over all its votes.
+    """
+    V, n_groups = plan.num_votes, len(plan.kept)
+    missing = object()
+    answers: list = [missing] * (n_groups * V)
+    for g, pos, answer in votes:
+        answers[g * V + pos] = answer
+    if len(votes) != len(answers) or any(a is missing for a in answers):
+        raise ValueError(f"expected each of the {n_groups} groups' {V} votes exactly once, got {len(votes)} votes")
+    rewards, ratios = vote_groups(answers, V, reward, task)
+    return [rewards[g * V + pos] for g, kept in enumerate(plan.kept) for pos in kept], ratios
+
+
+def gathered_group_rewards(local_answers: Sequence, group_size: int, *, reward: str = "majority",
                            task: str = "math", gather: Callable[[list], list] | None = None,
                            broadcast: Callable[[list], list] | None = None,
-                           is_main: bool = True) -> tuple[list[float], list[float]]:
+                           is_main: bool = True, plan: VotePlan | None = None) -> tuple[list[float], list[float]]:
     """The vote of :func:`vote_groups` over the answers of *all* processes, computed once.
 
     ``gather(list) -> list`` concatenates every process's list in process order (accelerate's
     ``gather_object``); ``broadcast([obj]) -> [obj]`` sends the main process's object to all
     (``broadcast_object_list``). Both None = one process. Returns the gathered
-    ``(rewards, ratios)`` on every process; rewards are in gathered row order.
+    ``(rewards, ratios)`` on every process; rewards are in gathered row order. With a ``plan``
+    (votes ≠ trained samples) ``local_answers`` are ``(group, position, answer)`` triples of the
+    votes this process generated and the vote is :func:`kept_vote_rewards`.
     """
     answers = gather(list(local_answers)) if gather is not None else list(local_answers)
-    payload = [vote_groups(answers, group_size, reward, task) if is_main else None]
+    if not is_main:
+        payload = [None]
+    elif plan is None:
+        payload = [vote_groups(answers, group_size, reward, task)]
+    else:
+        payload = [kept_vote_rewards(answers, plan, reward, task)]
     if broadcast is not None:
         payload = broadcast(payload)
     return payload[0]
@@ -230,8 +342,9 @@ class SpineGRPOTrainer(GRPOTrainer):
         trainer = SpineGRPOTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", args=args, train_dataset=ds)
         trainer.train()
 
-    No ``reward_funcs``: the reward is the vote of each prompt's ``num_generations`` completions
-    (reference answers in the dataset, if any, are not used). Logged (TRL's ``self._metrics``,
+    No ``reward_funcs``: the reward is the vote of each prompt's ``num_votes`` completions (default
+    ``num_generations``; with more votes, ``num_generations`` of them are trained) -- reference
+    answers in the dataset, if any, are not used. Logged (TRL's ``self._metrics``,
     same names as the built-in engine): ``reward/mean``, ``vote/majority_ratio``,
     ``tokens/selected_fraction``, ``entropy/forking_mean`` (and the other ``entropy/``, ``band/``
     metrics of the built-in engine), ``loss/policy``, ``loss/band``, ``loss/kl``.
@@ -263,6 +376,13 @@ class SpineGRPOTrainer(GRPOTrainer):
         if own_ref is not None:
             self.ref_model = self._prepare_reference(own_ref)
         self.beta = args.kl_coef if kl_on else 0.0
+        self._num_votes = args.num_votes or self.num_generations
+        self._spine_votes: tuple[VotePlan, list] | None = None  # the votes of the current generation batch
+        self._spine_band_anchor: tuple[float, float] | None = None  # band_anchor=first: the fixed edges
+        if self._num_votes > self.num_generations and (self.rollout_func is not None or self.tools
+                                                       or self.environment_factories is not None):
+            raise ValueError("num_votes > num_generations needs TRL's own single-turn generation: "
+                             "no rollout_func, tools or environment_factory")
 
     def _prepare_reference(self, ref):
         """Freeze a copy of the initial model and prepare it as TRL prepares its reference model."""
@@ -276,20 +396,78 @@ class SpineGRPOTrainer(GRPOTrainer):
             return prepare_fsdp(ref, self.accelerator)
         return self.accelerator.prepare_model(ref, evaluation_mode=True)
 
+    # --- votes ≠ trained samples: generate num_votes, keep num_generations ----------------------
+
+    def _vote_generator(self) -> torch.Generator:
+        """The generator of this generation batch's kept subsets: seeded from ``args.seed``, the
+        optimiser step and the micro-step within it, so identical on all processes (and on resume)."""
+        micro = self._step % max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), 1)
+        seed = np.random.SeedSequence([self.args.seed, self.state.global_step, micro]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed) & (2**63 - 1))
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """With ``num_votes`` > ``num_generations`` (training): generate every group's ``num_votes``
+        votes, stash their extracted answers for :meth:`_calculate_rewards`, and return only the kept
+        completions, one per trained row (see :class:`VotePlan`). Otherwise TRL's own generation."""
+        G, V = self.num_generations, self._num_votes
+        if not self.model.training or V == G:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        if images is not None or multimodal_fields or has_tool_images:
+            raise NotImplementedError("num_votes > num_generations supports text-only prompts")
+        B, p = len(prompt_ids), self.accelerator.process_index
+        plan = vote_plan(B * self.accelerator.num_processes, G, V, self._vote_generator())
+        rows = range(p * B, (p + 1) * B)
+        where = [(r, pos) for r in rows for pos in plan.block(r % G)]  # this process's votes, generation order
+        requests = [prompt_ids[r - p * B] for r, _ in where]
+        # num_generations=V: vLLM server mode generates V per unique prompt (each group's votes are consecutive)
+        ids, logprobs = super()._generate_single_turn(requests, None, multimodal_fields, V, has_tool_images)
+        texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
+        self._spine_votes = (plan, [(r // G, pos, extract_answer(t, self.args.task))
+                                    for (r, pos), t in zip(where, texts)])
+        return self._route_kept(plan, where, ids, logprobs, rows)
+
+    def _route_kept(self, plan: VotePlan, where, ids, logprobs, rows):
+        """Each kept vote to the process of the row that trains on it (a group's rows can straddle
+        processes, and a kept vote may have been generated on another one)."""
+        kept_ids: list = [None] * len(rows)
+        kept_lp: list | None = None if logprobs is None else [None] * len(rows)
+        kept = []  # (target row, completion ids, sampling log-probs) of the kept votes generated here
+        for k, (r, pos) in enumerate(where):
+            target = plan.target_row(r // plan.group_size, pos)
+            if target is not None:
+                kept.append((target, ids[k], None if logprobs is None else logprobs[k]))
+        mine = [item for item in kept if item[0] in rows]
+        if self.accelerator.num_processes > 1:  # a collective: every process calls it, maybe with nothing to send
+            mine += [item for item in gather_object([i for i in kept if i[0] not in rows]) if item[0] in rows]
+        for target, completion, lp in mine:
+            kept_ids[target - rows.start] = completion
+            if kept_lp is not None:
+                kept_lp[target - rows.start] = lp
+        if any(c is None for c in kept_ids):
+            raise RuntimeError("a trained row received no kept vote")
+        return kept_ids, kept_lp
+
     # --- reward --------------------------------------------------------------------------------
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """The vote over whole groups; returns TRL's gathered ``(num_processes × rows, 1)`` rewards."""
+        """The vote over whole groups; returns TRL's gathered ``(num_processes × rows, 1)`` rewards.
+        With votes ≠ trained samples the vote is over all ``num_votes`` answers of each group (stashed
+        by :meth:`_generate_single_turn`) and each trained row gets the reward of its kept answer."""
         args = self.args
         mode = "train" if self.model.training else "eval"
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        local = [extract_answer(_completion_text(c), args.task) for c in completions]
+        stash, self._spine_votes = self._spine_votes, None
+        if mode == "train" and self._num_votes > self.num_generations and stash is None:
+            raise RuntimeError("num_votes > num_generations: no votes were stashed by _generate_single_turn")
+        plan, local = stash if mode == "train" and stash is not None else (
+            None, [extract_answer(_completion_text(c), args.task) for c in completions])
         multi = self.accelerator.num_processes > 1
         rewards, ratios = gathered_group_rewards(
             local, group, reward=args.reward, task=args.task,
             gather=gather_object if multi else None,
             broadcast=(lambda obj: broadcast_object_list(obj, from_process=0)) if multi else None,
-            is_main=self.accelerator.is_main_process)
+            is_main=self.accelerator.is_main_process, plan=plan)
         self._metrics[mode]["vote/majority_ratio"].append(sum(ratios) / max(len(ratios), 1))
         self._metrics[mode]["reward/mean"].append(sum(rewards) / max(len(rewards), 1))
         return torch.tensor(rewards, dtype=torch.float32, device=self.accelerator.device).unsqueeze(1)
@@ -338,18 +516,41 @@ class SpineGRPOTrainer(GRPOTrainer):
         else:
             pool_ent, pool_mask = ent, mask
         group = self.num_generations if mode == "train" else self.num_generations_eval
-        fork = select_tokens(args.selection, pool_ent, pool_mask, rho=args.rho, scope=args.scope, group_size=group)
-        edges = BANDS[args.band](pool_ent, fork, args.band_low_q, args.band_high_q)
-        from ..update import Selection  # the built-in engine's metric names and definitions
+        from ..update import select_forks  # the built-in engine's selection, band, anchor and metrics
 
-        for k, v in Selection(fork, *(edges or (None, None)), pool_ent).metrics(pool_mask).items():
+        # args has SpineConfig's names (selection, rho, scope, band, band_anchor, band_low_q, band_high_q)
+        sel = select_forks(pool_ent, pool_mask, args, group, self._spine_band_anchor)
+        if mode == "train" and self._spine_band_anchor is None and sel.anchor is not None and math.isfinite(
+                sel.anchor[0]):  # band_anchor=first: pooled over the first generation batch, then kept
+            self._spine_band_anchor = sel.anchor
+        for k, v in sel.metrics(pool_mask).items():
             self._metrics[mode][k].append(v)
+        fork = sel.fork_mask
         n_fork, n_tok = int(fork.sum()), int(pool_mask.sum())
         rows = slice(self.accelerator.process_index * B, (self.accelerator.process_index + 1) * B)
         out["spine_fork_mask"] = fork[rows, :T] & mask
         out["spine_kl_fraction"] = torch.tensor(n_fork / max(n_tok, 1), device=mask.device)
-        if edges is not None:
-            out["spine_band_low"], out["spine_band_high"] = edges[0][rows], edges[1][rows]
+        if sel.low is not None:
+            out["spine_band_low"], out["spine_band_high"] = sel.low[rows], sel.high[rows]
+
+    # --- band_anchor=first survives a checkpoint ------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.band_anchor != "none" and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            anchor = list(self._spine_band_anchor) if self._spine_band_anchor is not None else None
+            with open(os.path.join(folder, SPINE_STATE_FILE), "w") as f:
+                json.dump({"band_anchor": anchor}, f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, SPINE_STATE_FILE) if checkpoint is not None else None
+        if path is not None and os.path.exists(path):
+            with open(path) as f:
+                anchor = json.load(f).get("band_anchor")
+            self._spine_band_anchor = tuple(float(x) for x in anchor) if anchor is not None else None
 
     # --- loss ----------------------------------------------------------------------------------
 
