@@ -14,6 +14,7 @@ file per (setting, engine, repetition) in ``bench/results/speed/``: an interrupt
 
     python bench/speed.py --reps 3                  # both settings: fp32 and best (bf16 autocast)
     python bench/speed.py --summary                 # only (re)build the summary from the files
+    python bench/speed.py --engine trl --reps 3     # SpineGRPOTrainer vs GRPOTrainer; 2 processes vs 1
 
 Settings: ``fp32`` = both engines in fp32; ``best`` = bf16 autocast (our ``precision=bf16``, TRL
 ``bf16=True``), each engine's best CPU setting here. Reported per engine: median seconds per
@@ -95,7 +96,10 @@ def _prompt_lengths(tokenizer) -> list[int]:
     return [len(encode_prompt(tokenizer, build_messages(ex, task))) for ex in examples]
 
 
-def worker_trl(precision: str, steps: int, seed: int, threads: int, micro: int = MICRO) -> dict:
+def worker_trl(precision: str, steps: int, seed: int, threads: int, micro: int = MICRO, spine: bool = False) -> dict:
+    """TRL's GRPOTrainer (top_entropy_quantile=0.2) or, with ``spine``, our SpineGRPOTrainer on the
+    same step (SPINE v1: top 20 % of the generation batch, quantile band, label-free vote). Under
+    torchrun every process runs this; the batch is split over the processes."""
     import torch
     import transformers
     from datasets import Dataset
@@ -107,8 +111,11 @@ def worker_trl(precision: str, steps: int, seed: int, threads: int, micro: int =
     from spine_ttrl.models import load_model_and_tokenizer
     from spine_ttrl.rewards import majority_rewards
 
+    from accelerate import PartialState
+
     if threads:
         torch.set_num_threads(threads)
+    procs = PartialState().num_processes
     model, tokenizer = load_model_and_tokenizer(None)
     examples = load_examples(DATA)
     task = resolve_task(examples, "auto")
@@ -124,8 +131,8 @@ def worker_trl(precision: str, steps: int, seed: int, threads: int, micro: int =
                 rewards[i] = r
         return rewards
 
-    timers = {"generate_s": 0.0, "generate_and_score_s": 0.0, "forward_s": 0.0, "backward_s": 0.0,
-              "optimizer_s": 0.0, "prompt_tokens": 0.0, "completion_tokens": 0.0}
+    timers = {"generate_s": 0.0, "generate_and_score_s": 0.0, "selection_s": 0.0, "forward_s": 0.0,
+              "backward_s": 0.0, "optimizer_s": 0.0, "prompt_tokens": 0.0, "completion_tokens": 0.0}
 
     def timed(fn, key, after=None):
         def wrapper(*a, **k):
@@ -158,7 +165,8 @@ def worker_trl(precision: str, steps: int, seed: int, threads: int, micro: int =
                          "reward_s": timers["generate_and_score_s"] - timers["generate_s"],
                          "forward_backward_s": timers["forward_s"] + timers["backward_s"],
                          "forward_s": timers["forward_s"], "backward_s": timers["backward_s"],
-                         "optimizer_s": timers["optimizer_s"], "prompt_tokens": timers["prompt_tokens"],
+                         "optimizer_s": timers["optimizer_s"], "selection_s": timers["selection_s"],
+                         "prompt_tokens": timers["prompt_tokens"],
                          "completion_tokens": timers["completion_tokens"],
                          "trained_completion_tokens": timers["completion_tokens"]})
             for k in timers:
@@ -166,17 +174,26 @@ def worker_trl(precision: str, steps: int, seed: int, threads: int, micro: int =
             marks[0] = time.perf_counter()
 
     out = tempfile.mkdtemp(prefix="speed-trl-")
-    args = GRPOConfig(
+    common = dict(
         output_dir=out, max_steps=steps, per_device_train_batch_size=micro,
-        gradient_accumulation_steps=QUESTIONS * SAMPLES // micro, num_generations=SAMPLES,
+        gradient_accumulation_steps=QUESTIONS * SAMPLES // (micro * procs), num_generations=SAMPLES,
         max_completion_length=NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, beta=0.0, num_iterations=1,
-        top_entropy_quantile=RHO, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=1.0, weight_decay=0.0, use_cpu=True, bf16=precision == "bf16", fp16=False,
         gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no", seed=seed,
         dataloader_num_workers=0, disable_tqdm=True, log_completions=False,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=majority_reward, args=args, train_dataset=ds,
-                          processing_class=tokenizer, callbacks=[StepTimer()])
+    if spine:
+        from spine_ttrl.integrations.trl import SpineGRPOConfig, SpineGRPOTrainer
+
+        args = SpineGRPOConfig(**common, selection="top", rho=RHO, scope="batch", band="quantile", task=task)
+        trainer = SpineGRPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
+                                   callbacks=[StepTimer()])
+        trainer._attach_selection = timed(trainer._attach_selection, "selection_s")
+    else:
+        args = GRPOConfig(**common, top_entropy_quantile=RHO)
+        trainer = GRPOTrainer(model=model, reward_funcs=majority_reward, args=args, train_dataset=ds,
+                              processing_class=tokenizer, callbacks=[StepTimer()])
 
     def count_tokens(batch):
         timers["prompt_tokens"] += float(batch["prompt_mask"].sum())
@@ -191,7 +208,8 @@ def worker_trl(precision: str, steps: int, seed: int, threads: int, micro: int =
     wall = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     return {"steps": rows, "params": n_params, "wall_s": wall, "peak_rss_mb": _peak_rss_mb(),
-            "trl_version": __import__("trl").__version__}
+            "trl_version": __import__("trl").__version__, "processes": procs,
+            "rank": PartialState().process_index}
 
 
 def worker_peak(threads: int) -> dict:
@@ -216,8 +234,16 @@ def worker_peak(threads: int) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def run_worker(argv: list[str], out: Path, timeout: float) -> None:
+def run_worker(argv: list[str], out: Path, timeout: float, processes: int = 1) -> None:
     cmd = [sys.executable, __file__, "--worker", *argv, "--out", str(out)]
+    if processes > 1:  # torchrun (gloo on CPU); rank 0 writes the file
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), *cmd[1:]]
     print("$", " ".join(cmd[1:]), flush=True)
     env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
@@ -264,6 +290,67 @@ def summarize(peak: dict | None) -> dict:
     return summary
 
 
+RESULTS_TRL = RESULTS.parent / "speed-trl"
+TRL_ENGINES = ("trl", "spine-trl", "spine-trl-2proc")
+
+
+def summarize_trl() -> dict:
+    """``--engine trl``: median timed step per engine; SpineGRPOTrainer / GRPOTrainer (the SPINE
+    additions' overhead) and 2 processes / 1 process."""
+    out: dict = {}
+    for engine in TRL_ENGINES:
+        runs = [json.loads(f.read_text()) for f in sorted(RESULTS_TRL.glob(f"fp32-{engine}-rep*.json"))]
+        if not runs:
+            continue
+        keys = [k for k in runs[0]["steps"][-1] if isinstance(runs[0]["steps"][-1][k], (int, float))]
+        per_run = [{k: statistics.median(s[k] for s in r["steps"][1:] or r["steps"]) for k in keys} for r in runs]
+        med = {k: statistics.median(p[k] for p in per_run) for k in keys}
+        med.update(step_s_all=[p["step_s"] for p in per_run], repetitions=len(runs),
+                   peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in runs), processes=runs[0].get("processes", 1))
+        out[engine] = med
+    if "trl" in out and "spine-trl" in out:
+        out["overhead_spine_vs_trl"] = out["spine-trl"]["step_s"] / out["trl"]["step_s"] - 1
+    if "spine-trl" in out and "spine-trl-2proc" in out:
+        out["ratio_2proc_vs_1proc"] = out["spine-trl-2proc"]["step_s"] / out["spine-trl"]["step_s"]
+    return out
+
+
+def print_table_trl(summary: dict) -> None:
+    print("| engine | processes x threads | s/step (runs) | sampling s | selection pass s | fwd+bwd s | optim s | peak RSS MB/process |")
+    print("|---|---|---|---|---|---|---|---|")
+    for engine in TRL_ENGINES:
+        if engine in summary:
+            m = summary[engine]
+            th = "2 x 1" if m["processes"] == 2 else "1 x 2"
+            runs = ", ".join(f"{x:.1f}" for x in m["step_s_all"])
+            print(f"| {engine} | {th} | {m['step_s']:.1f} ({runs}) | {m['sampling_s']:.1f} | {m.get('selection_s', 0):.1f} | "
+                  f"{m['forward_backward_s']:.1f} | {m['optimizer_s']:.2f} | {m['peak_rss_mb']:.0f} |")
+    for k in ("overhead_spine_vs_trl", "ratio_2proc_vs_1proc"):
+        if k in summary:
+            print(f"{k}: {summary[k]:+.3f}" if k.startswith("overhead") else f"{k}: {summary[k]:.2f}")
+
+
+def main_trl(args) -> None:
+    RESULTS_TRL.mkdir(parents=True, exist_ok=True)
+    if not args.summary:
+        for rep in range(args.reps):
+            order = list(TRL_ENGINES) if rep % 2 == 0 else list(reversed(TRL_ENGINES))
+            for engine in order:
+                out = RESULTS_TRL / f"fp32-{engine}-rep{rep}.json"
+                if out.exists():
+                    continue
+                two = engine.endswith("2proc")
+                worker = "trl" if engine == "trl" else "spine-trl"
+                run_worker([worker, "--precision", "fp32", "--steps", str(args.steps), "--seed", str(rep),
+                            "--threads", "1" if two else str(args.threads), "--micro", str(args.micro)], out,
+                           args.timeout, processes=2 if two else 1)
+                r = json.loads(out.read_text())
+                print(f"  {engine} rep{rep}: steps {[round(s['step_s'], 1) for s in r['steps']]} s", flush=True)
+    summary = summarize_trl()
+    (RESULTS_TRL.parent / "speed-trl-summary.json").write_text(json.dumps(summary, indent=1))
+    print_table_trl(summary)
+
+
 def print_table(summary: dict) -> None:
     print("| setting | engine | s/step | sampling s | reward s | fwd+bwd s | optim s | prompt+completion tok | "
           "positions run | peak RSS MB | GFLOP/s per token trained | GFLOP/s run |")
@@ -291,7 +378,9 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=MICRO, help="completions per forward/backward pass, both engines")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--summary", action="store_true", help="only rebuild the summary from existing files")
-    ap.add_argument("--worker", choices=["ours", "trl", "peak"], help=argparse.SUPPRESS)
+    ap.add_argument("--engine", choices=["builtin", "trl"], default="builtin",
+                    help="builtin: our engine vs GRPOTrainer; trl: SpineGRPOTrainer vs GRPOTrainer, and 2 processes vs 1")
+    ap.add_argument("--worker", choices=["ours", "trl", "spine-trl", "peak"], help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -300,16 +389,22 @@ def main() -> None:
     if args.worker:
         if args.worker == "peak":
             rec = worker_peak(args.threads)
+        elif args.worker == "ours":
+            rec = worker_ours(args.precision, args.steps, args.seed, args.threads, args.micro)
         else:
-            fn = worker_ours if args.worker == "ours" else worker_trl
-            rec = fn(args.precision, args.steps, args.seed, args.threads, args.micro)
-            rec.update(engine=args.worker, precision=args.precision, seed=args.seed, threads=args.threads,
-                       micro_batch_size=args.micro)
+            rec = worker_trl(args.precision, args.steps, args.seed, args.threads, args.micro,
+                             spine=args.worker == "spine-trl")
+            if rec["rank"] != 0:
+                return
+        rec.update(engine=args.worker, precision=args.precision, seed=args.seed, threads=args.threads,
+                   micro_batch_size=args.micro)
         tmp = args.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1))
         os.replace(tmp, args.out)
         return
 
+    if args.engine == "trl":
+        return main_trl(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     peak_file = RESULTS / "peak-matmul.json"
     if not args.summary:

@@ -2,6 +2,9 @@
 # The checks that need a GPU, for a machine with one NVIDIA GPU and the project installed
 # (bash scripts/install.sh). One line per check: PASS or FAIL, seconds per step, peak GPU memory.
 # Uses the embedded SmolLM2-135M model (no download). It cannot run on CPU-only machines.
+# Checks: built-in engine on cuda; built-in engine + vLLM sampler; TRL engine + vLLM colocate;
+# TRL engine in 2 processes (2 GPUs). Estimated 1-2 minutes each on one recent GPU (never run: written
+# on machines without a GPU).
 #
 #   bash scripts/gpu_check.sh
 set -u
@@ -47,6 +50,29 @@ if "$PY" -c "import vllm" 2>/dev/null; then
   report builtin-vllm-sampler "$tmp/vllm" $? || { fail=1; tail -5 "$tmp/vllm.log"; }
 else
   echo "FAIL builtin-vllm-sampler: vllm is not installed (pip install -e '.[vllm]')"; fail=1
+fi
+
+# 3. the TRL engine with vLLM colocated (needs: pip install -e '.[trl,vllm]')
+if "$PY" -c "import trl, vllm" 2>/dev/null; then
+  timeout 480 "$PY" -m spine_ttrl adapt --engine trl --device cuda --sampler vllm --vllm-gpu-memory-utilization 0.3 \
+    --preset spine --data arith:2:8:0 --steps 2 --questions-per-step 4 --num-votes 8 --max-new-tokens 128 \
+    --lora-r 16 --lr 1e-4 --eval-samples 0 --eval-limit 4 --no-progress --out "$tmp/trl" > "$tmp/trl.log" 2>&1
+  report trl-vllm-colocate "$tmp/trl" $? || { fail=1; tail -5 "$tmp/trl.log"; }
+else
+  echo "FAIL trl-vllm-colocate: trl or vllm is not installed (pip install -e '.[trl,vllm]')"; fail=1
+fi
+
+# 4. the TRL engine in 2 processes (torchrun). accelerate gives process i the GPU cuda:i and NCCL refuses
+#    two processes on one GPU, so this needs 2 GPUs; with one it says SKIP (not a failure).
+ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -ge 2 ] && "$PY" -c "import trl" 2>/dev/null; then
+  timeout 480 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m spine_ttrl adapt --engine trl \
+    --device cuda --preset spine --data arith:2:8:0 --steps 2 --questions-per-step 4 --num-votes 8 \
+    --max-new-tokens 128 --lora-r 16 --lr 1e-4 --eval-samples 0 --eval-limit 4 --no-progress \
+    --out "$tmp/trl2" > "$tmp/trl2.log" 2>&1
+  report trl-2-processes "$tmp/trl2" $? || { fail=1; tail -5 "$tmp/trl2.log"; }
+else
+  echo "SKIP trl-2-processes: needs 2 GPUs and trl (this machine: $ngpu GPU(s))"
 fi
 
 exit $fail
