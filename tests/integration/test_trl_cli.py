@@ -100,6 +100,8 @@ def test_resume_continues_from_trl_checkpoint(model_and_data, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--questions-per-step", "3", "--micro-batch-size", "8"], "multiple of micro_batch_size"),
     (["--long-prompts", "truncate"], "long_prompts=truncate"),
+    (["--device", "cuda:1"], "CUDA_VISIBLE_DEVICES"),
+    (["--sampler", "vllm"], "spine-ttrl[vllm]"),
 ])
 def test_refusals_are_one_line(model_and_data, tmp_path, capsys, flags, message):
     model, data = model_and_data

@@ -62,6 +62,8 @@ def check_trl_config(cfg: Config, num_processes: int = 1) -> None:
             f"x processes ({o.micro_batch_size} x {num_processes}): TRL splits each generation batch evenly")
     if cfg.data.long_prompts == "truncate":
         raise ValueError("--engine trl passes chat messages to TRL: long_prompts=truncate is not supported (use skip or error)")
+    if cfg.model.device.startswith("cuda:"):
+        raise ValueError("--engine trl places process i on GPU i: choose GPUs with CUDA_VISIBLE_DEVICES, not --device cuda:N")
     if cfg.preset == "none" or o.steps == 0:
         raise ValueError("--engine trl trains; for evaluation only use `spine-ttrl eval` (the built-in engine)")
 
@@ -217,7 +219,7 @@ def adapt_trl(config: Config):
 
     from ..assessment import EvalResult
     from ..data import build_messages, load_examples, resolve_task
-    from ..engine.builtin import lora_settings
+    from ..engine.builtin import check_sampler, lora_settings
     from ..engine.models import load_model_and_tokenizer
     from ..engine.precision import autocast_dtype_for, resolve_device
     from ..loop import Questions, RunResult
@@ -238,6 +240,7 @@ def adapt_trl(config: Config):
         raise ValueError(f"--engine trl needs at least questions_per_step ({cfg.optim.questions_per_step}) questions, "
                          f"got {len(examples)}")
     device = resolve_device(cfg.model.device)
+    check_sampler(cfg.sampling.sampler, device)  # vLLM needs the extra and a GPU: refused before anything is written
     payload = [prepare_trl_run_dir(cfg) if dist.is_main_process else None]
     out_dir, resume_from = broadcast_object_list(payload, from_process=0)[0] if dist.num_processes > 1 else payload[0]
     model, tokenizer = load_model_and_tokenizer(cfg.model.model, lora=lora_settings(cfg.model))
