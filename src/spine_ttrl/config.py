@@ -9,6 +9,8 @@ Presets (``--preset``):
 - ``ttrl``: every completion token is trained, no band (TTRL).
 - ``spine``: SPINE v1 — top 20 % tokens by entropy over the whole batch, band [Q10, Q50].
 - ``spine-v2``: Otsu selection per response, median/MAD band.
+- ``ttrv``, ``evol-rl``, ``ettrl``, ``siren``: TTRL plus the neighbour's switches (TTRV reward with
+  batch advantages; EVOL-RL novelty reward; ETTRL tree rollout + EAR; SIREN anchored entropy).
 - ``none``: no training, evaluation only.
 """
 
@@ -47,12 +49,13 @@ class ModelConfig:
     lora_target: str = _f("all-linear", "LoRA target modules: 'all-linear' or a comma-separated list of module names.")
     device: str = _f("auto", "Where the model, reference model, KV caches, random generators and batches live: auto (the first CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N.")
     precision: str = _f("auto", "Compute precision: 'auto' = bf16 autocast where the CPU/GPU supports bf16, else fp32; weights stay fp32.", ("auto", "fp32", "bf16"))
+    freeze_vision: bool = _f(True, "Vision-language models: keep the vision tower and projector fixed (the language model and its head train; LoRA goes on the language model only). No effect on text models.")
 
 
 @dataclass
 class DataConfig:
     data: str = _f("arith:2:16:0", "Questions: a .json/.jsonl/.csv file, a saved HF dataset directory, or 'arith:<level>[:<count>[:<seed>]]'.")
-    task: str = _f("auto", "Answer type: 'math' (boxed/number answers), 'choice' (option letters), 'auto' (choice if answers are letters or a choices column exists).", ("auto", "math", "choice"))
+    task: str = _f("auto", "Answer type: 'math' (boxed/number answers), 'choice' (option letters), 'label' (one of a few short labels, yes/no/maybe unless the data has a labels column), 'auto' (choice if a choices column exists or the answers are letters; label if a labels column exists or every answer is yes/no/maybe; else math).", ("auto", "math", "choice", "label"))
     limit: int = _f(0, "Use only the first N questions (0 = all).")
     max_prompt_tokens: int = _f(1024, "Longest prompt (chat-formatted, in tokens) accepted.")
     long_prompts: str = _f("skip", "What to do with prompts over max_prompt_tokens: skip them, truncate (keep the last tokens) or error.", ("skip", "truncate", "error"))
@@ -69,14 +72,27 @@ class SamplingConfig:
     sample_batch_size: int = _f(64, "Rows generated at once (memory bound).")
     sampler: str = _f("builtin", "What generates the votes: builtin (our KV-cache sampler, CPU or GPU; returns the entropies selection needs) or vllm (vLLM colocated on the GPU, weights pushed after every update; the entropies then come from one no-grad pass over the kept completions). vllm needs the [vllm] extra and a CUDA device.", ("builtin", "vllm"))
     vllm_gpu_memory_utilization: float = _f(0.3, "Share of the GPU's memory vLLM may take (sampler=vllm); the rest is left to training.")
+    rollout: str = _f("flat", "How the votes are drawn: flat (num_votes independent completions per question) or tree (ETTRL's entropy-fork tree, ETMR: tree_samples full completions, then tree_branches continuations from each of their tree_branch_points highest-entropy positions, the prefix shared; the vote is over all leaves, num_votes = M x (1 + N x B)). tree needs the builtin sampler.", ("flat", "tree"))
+    tree_samples: int = _f(0, "rollout=tree: M, full completions sampled per question; 0 = derived, num_votes / (1 + tree_branch_points x tree_branches).")
+    tree_branch_points: int = _f(1, "rollout=tree: N, highest-entropy positions of each full completion to branch at (a completion shorter than N branches at its positions in turn).")
+    tree_branches: int = _f(3, "rollout=tree: B, continuations sampled from each branch point (each re-draws the token at that position).")
+
+    def tree_shape(self) -> tuple[int, int, int]:
+        """(M, N, B) of rollout=tree, M derived when ``tree_samples`` is 0 (derived value)."""
+        per_sample = 1 + self.tree_branch_points * self.tree_branches
+        return self.tree_samples or max(self.num_votes // per_sample, 1), self.tree_branch_points, self.tree_branches
 
 
 @dataclass
 class SpineConfig:
-    reward: str = _f("majority", "Label-free reward of each vote: majority (1 if in the majority cluster, TTRL) or frequency (share of votes for its answer, TTRV's frequency term).", ("majority", "frequency"))
+    reward: str = _f("majority", "Label-free reward of each vote: majority (1 if in the majority cluster, TTRL), frequency (share of votes for its answer, TTRV's frequency term), ttrv (frequency + 0.75 x the negative entropy of the vote, TTRV; the entropy term is the same for a whole question, so it only acts with advantage_norm=batch), leave-one-out (1 if its answer is the vote of the other votes) or novelty (EVOL-RL: majority anchor + novelty of the completion's sentence embedding within its group; needs the [evol] extra).", ("majority", "frequency", "ttrv", "leave-one-out", "novelty"))
+    advantage_norm: str = _f("group", "How rewards become advantages: group (GRPO: standardised within each question's group) or batch (standardised over the whole optimiser batch, so a per-question reward offset matters).", ("group", "batch"))
+    advantage_shaping: str = _f("none", "Reshaping of the advantages: none or ear (ETTRL: A x (1 + (mean_g H - H_i) / mean_g H), H_i the response's mean behaviour token entropy, mean over its question's group).", ("none", "ear"))
     selection: str = _f("top", "Which completion tokens get the policy gradient: all, top (top-rho entropy, v1) or otsu (v2).", ("all", "top", "otsu"))
     rho: float = _f(0.2, "Fraction of tokens selected by 'top' selection.")
     scope: str = _f("batch", "Pool over which 'top' selection ranks entropies: the optimiser batch, each question group, or each response.", ("batch", "group", "response"))
+    selection_signal: str = _f("token", "What the selection ranks: token (each token's behaviour entropy) or window (ARES: the mean entropy of the window_size tokens starting at it). The band still acts on token entropies.", ("token", "window"))
+    window_size: int = _f(5, "Tokens averaged by selection_signal=window.")
     band: str = _f("quantile", "Entropy band on forking tokens: none, quantile ([Q_low, Q_high], v1) or mad (median/MAD, v2).", ("none", "quantile", "mad"))
     band_low_q: float = _f(0.1, "Lower band quantile (band=quantile).")
     band_high_q: float = _f(0.5, "Upper band quantile (band=quantile).")
@@ -85,6 +101,14 @@ class SpineConfig:
     band_anchor: str = _f("none", "Where the band edges come from: none = from each response's own forking tokens at every update (the paper); first = pooled over all forking tokens of the first update, then fixed for the run (a SIREN-style anchor, our option: the per-response band keeps half of every response's forks above its median).", ("none", "first"))
     kl_coef: float = _f(0.0, "Coefficient of the k3 KL to the frozen initial model (0 = off, no reference model kept).")
     kl_tokens: str = _f("selected", "Tokens the KL is computed on: the selected (forking) tokens or all completion tokens.", ("selected", "all"))
+    token_weights: str = _f("none", "Per-token weights on the policy term: none or steer (STEER: from the first-order entropy-change estimate |A/pi_old x p(1-p)(log p + H)| of each selected token, mapped to [0.8, 1.2], largest change smallest weight; computed once per batch from the behaviour policy, costs one no-grad scoring pass).", ("none", "steer"))
+    entropy_reg: str = _f("none", "Entropy regulariser added to the loss: none, anchored (SIREN: entropy_reg_coef x the mean squared gap between the top-p nucleus entropy and its mean at the first update, at the positions above the entropy_reg_quantile of each batch's token entropies; the first update measures the anchor) or adaptive (Skywork-OR1: an entropy bonus -coef x mean token entropy, coef starting at entropy_reg_coef and moved by entropy_coef_delta toward keeping the entropy at entropy_target; applied only while the batch's entropy is at or below the target).", ("none", "anchored", "adaptive"))
+    entropy_reg_coef: float = _f(0.01, "entropy_reg=anchored: weight of the penalty; adaptive: initial bonus coefficient.")
+    entropy_reg_quantile: float = _f(0.8, "entropy_reg=anchored: positions whose token entropy is above this quantile of the batch's completion tokens are regularised.")
+    entropy_reg_top_p: float = _f(0.95, "entropy_reg=anchored: nucleus mass of the regularised entropy (renormalised over the top-p tokens).")
+    entropy_target: float = _f(0.2, "entropy_reg=adaptive: target mean token entropy, in nats.")
+    entropy_coef_delta: float = _f(0.005, "entropy_reg=adaptive: change of the coefficient per step.")
+    entropy_coef_max: float = _f(1.0, "entropy_reg=adaptive: largest coefficient.")
 
 
 @dataclass
@@ -133,7 +157,7 @@ class RunConfig:
 class Config:
     """All settings of an adaptation or evaluation run."""
 
-    preset: str = _f("spine", "Method preset: ttrl, spine (v1), spine-v2 or none (evaluation only).", ("ttrl", "spine", "spine-v2", "none"))
+    preset: str = _f("spine", "Method preset: ttrl, spine (v1), spine-v2, the neighbours ttrv, evol-rl, ettrl, siren (TTRL plus their switches; docs/algorithm.md), or none (evaluation only).", ("ttrl", "spine", "spine-v2", "ttrv", "evol-rl", "ettrl", "siren", "none"))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -152,9 +176,22 @@ class Config:
             (s.temperature >= 0, "temperature must be >= 0"),
             (0 < s.top_p <= 1, "top_p must be in (0, 1]"),
             (0 < s.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization must be in (0, 1)"),
+            (s.tree_samples >= 0 and min(s.tree_branch_points, s.tree_branches) >= 1,
+             "tree_samples must be >= 0, tree_branch_points and tree_branches >= 1"),
+            (s.rollout == "flat" or s.num_votes == s.tree_shape()[0] * (1 + s.tree_branch_points * s.tree_branches),
+             f"rollout=tree: num_votes ({s.num_votes}) must be the leaves per question, tree_samples x "
+             f"(1 + tree_branch_points x tree_branches) = "
+             + (f"{s.tree_samples * (1 + s.tree_branch_points * s.tree_branches)}" if s.tree_samples else
+                f"a multiple of {1 + s.tree_branch_points * s.tree_branches} (tree_samples 0 derives it)")),
+            (s.rollout == "flat" or s.sampler == "builtin", "rollout=tree needs sampler=builtin (it branches on the sampler's entropies)"),
             (0 <= self.spine.rho <= 1, "rho must be in [0, 1]"),
             (0 <= self.spine.band_low_q <= self.spine.band_high_q <= 1, "need 0 <= band_low_q <= band_high_q <= 1"),
             (self.spine.band_anchor == "none" or self.spine.band != "none", "band_anchor=first needs a band (band=quantile or mad)"),
+            (self.spine.window_size >= 1, "window_size must be >= 1"),
+            (0 <= self.spine.entropy_reg_quantile < 1, "entropy_reg_quantile must be in [0, 1)"),
+            (0 < self.spine.entropy_reg_top_p <= 1, "entropy_reg_top_p must be in (0, 1]"),
+            (min(self.spine.entropy_reg_coef, self.spine.entropy_coef_delta, self.spine.entropy_coef_max) >= 0,
+             "entropy_reg_coef, entropy_coef_delta and entropy_coef_max must be >= 0"),
             (o.steps >= 0, "steps must be >= 0"),
             (o.questions_per_step >= 1, "questions_per_step must be >= 1"),
             (o.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
@@ -179,6 +216,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "ttrl": {"spine": {"selection": "all", "band": "none", "kl_tokens": "all"}},
     "spine": {"spine": {"selection": "top", "rho": 0.2, "scope": "batch", "band": "quantile", "band_low_q": 0.1, "band_high_q": 0.5, "kl_tokens": "selected"}},
     "spine-v2": {"spine": {"selection": "otsu", "band": "mad", "kl_tokens": "selected"}},
+    # The neighbours (paper §6): TTRL's all-token loss plus each paper's own switches.
+    "ttrv": {"spine": {"selection": "all", "band": "none", "kl_tokens": "all", "reward": "ttrv", "advantage_norm": "batch"}},
+    "evol-rl": {"spine": {"selection": "all", "band": "none", "kl_tokens": "all", "reward": "novelty"}},
+    "ettrl": {"sampling": {"rollout": "tree", "tree_samples": 0, "tree_branch_points": 1, "tree_branches": 3},
+              "spine": {"selection": "all", "band": "none", "kl_tokens": "all", "advantage_shaping": "ear"}},
+    "siren": {"spine": {"selection": "all", "band": "none", "kl_tokens": "all", "entropy_reg": "anchored",
+                        "entropy_reg_coef": 0.01, "entropy_reg_quantile": 0.8, "entropy_reg_top_p": 0.95}},
     "none": {"optim": {"steps": 0}},
 }
 

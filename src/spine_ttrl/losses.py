@@ -41,7 +41,14 @@ __all__ = [
     "steer_token_weights",
     "anchored_entropy_penalty",
     "adaptive_entropy_coef",
+    "batch_advantages",
+    "entropy_bonus",
+    "response_mean_entropy",
     "BANDS",
+    "ADVANTAGE_NORMS",
+    "ADVANTAGE_SHAPINGS",
+    "TOKEN_WEIGHTS",
+    "ENTROPY_REGULARIZERS",
 ]
 
 
@@ -69,6 +76,27 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, unbiased=False, keepdim=True)
     return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def batch_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Advantages normalised over the whole optimiser batch instead of each question's group.
+
+    A_i = (r_i − mean_B(r)) / (std_B(r) + eps), mean and population std over all B rows.
+    A reward term that is constant within a question (TTRV's α·Σ p log p) cancels under
+    :func:`group_advantages` but not here: questions whose vote is more peaked get higher
+    advantages on all their responses. Example: rewards (1, 0 | 3, 3), G = 2: mean 1.75,
+    std 1.299 → A = (−0.577, −1.347, 0.962, 0.962), where per-group normalisation gives
+    (1, −1, 0, 0). ``group_size`` is only checked (B a multiple of it), so the two share one
+    signature (:data:`ADVANTAGE_NORMS`).
+
+    Shapes: rewards (B,) → (B,) float32.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B,), got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"B={rewards.numel()} is not a multiple of group_size={group_size}")
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
 
 
 def quantile_linear(values: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
@@ -201,11 +229,13 @@ def policy_loss(
     token_mask: torch.Tensor,
     clip_eps: float,
     normalizer: float | torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO/GRPO clipped surrogate, summed over masked tokens and divided by ``normalizer``.
 
-    L = −Σ_{i,t} m_{i,t} · min(ρ_{i,t} A_i, clip(ρ_{i,t}, 1 − ε, 1 + ε) A_i) / normalizer,
-    ρ_{i,t} = exp(logprobs − old_logprobs).
+    L = −Σ_{i,t} m_{i,t} · w_{i,t} · min(ρ_{i,t} A_i, clip(ρ_{i,t}, 1 − ε, 1 + ε) A_i) / normalizer,
+    ρ_{i,t} = exp(logprobs − old_logprobs), w = ``weights`` (B, T) constants (STEER's token
+    weights, :data:`TOKEN_WEIGHTS`), or 1 when None.
 
     With m = all completion tokens this is TTRL's loss; with m = the forking mask it is
     SPINE's policy term. With one update per sampled batch ρ ≡ 1 and the clip is inactive.
@@ -227,6 +257,8 @@ def policy_loss(
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
     per_token = -torch.minimum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach().to(per_token.dtype)
     per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
     loss = per_token.sum() / normalizer
     with torch.no_grad():
@@ -392,6 +424,64 @@ def _quantile_band(entropies, fork_mask, low_q, high_q):
 
 def _mad_band(entropies, fork_mask, low_q, high_q):
     return band_edges(entropies, fork_mask, "mad", low_q, high_q)
+
+
+def entropy_bonus(entropies: torch.Tensor, mask: torch.Tensor, coef: float, normalizer: float | torch.Tensor) -> torch.Tensor:
+    """An entropy bonus (minimised, so it raises entropy): −coef · Σ_{i,t} m_{i,t} H_{i,t} / normalizer.
+
+    Skywork-OR1's adaptive entropy control adds it with the coefficient of
+    :func:`adaptive_entropy_coef`; the normaliser is the optimiser batch's completion tokens, as
+    for the policy term, so micro-batches add up to the batch's bonus. Gradient through
+    ``entropies``. Example: H = (1, 3), both masked, coef 0.1, normalizer 2 → −0.2.
+
+    Shapes: entropies (B, T), mask (B, T) bool → scalar.
+    """
+    masked = torch.where(mask.bool(), entropies, torch.zeros_like(entropies))
+    return -coef * masked.sum() / normalizer
+
+
+def response_mean_entropy(entropies: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Each response's mean token entropy over its completion tokens (0 for an empty response).
+
+    H_i = Σ_t m_{i,t} H_{i,t} / max(Σ_t m_{i,t}, 1) — the H_i of ETTRL's EAR. Example: rows
+    (1, 3) and (2, pad) → (2, 2). Shapes: entropies, token_mask (B, T) → (B,), no gradient.
+    """
+    mask = token_mask.bool()
+    h = torch.where(mask, entropies.detach().float(), torch.zeros((), device=mask.device))
+    return h.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+#: Advantage normalisation (the ``--advantage-norm`` setting) →
+#: ``fn(rewards (B,), group_size) -> advantages (B,)``. A new one is one entry here and one choice
+#: in ``SpineConfig.advantage_norm``.
+ADVANTAGE_NORMS = {"group": group_advantages, "batch": batch_advantages}
+
+
+def _no_shaping(advantages, response_entropy, group_size):
+    return advantages
+
+
+#: Advantage shaping (``--advantage-shaping``) → ``fn(advantages (B,), response_entropy (B,),
+#: group_size) -> advantages (B,)``, applied after normalisation; ``ear`` is ETTRL's
+#: :func:`entropy_reshaped_advantages`.
+ADVANTAGE_SHAPINGS = {"none": _no_shaping, "ear": entropy_reshaped_advantages}
+
+
+def _no_weights(logp, old_logp, entropy, advantages, mask):
+    return None
+
+
+#: Per-token policy-loss weights (``--token-weights``) →
+#: ``fn(logp, old_logp, entropy, advantages, mask) -> (B, T) weights or None`` (None = all 1);
+#: ``steer`` is :func:`steer_token_weights` ([0.8, 1.2]).
+TOKEN_WEIGHTS = {"none": _no_weights, "steer": steer_token_weights}
+
+#: Entropy regularisers (``--entropy-reg``) → their loss term: ``anchored`` (SIREN) is
+#: :func:`anchored_entropy_penalty` on the nucleus entropy of the high-entropy positions,
+#: ``adaptive`` (Skywork-OR1) :func:`entropy_bonus` with :func:`adaptive_entropy_coef`'s
+#: coefficient. The loop's state (the anchor, the coefficient) lives in
+#: :mod:`spine_ttrl.update`.
+ENTROPY_REGULARIZERS = {"none": None, "anchored": anchored_entropy_penalty, "adaptive": entropy_bonus}
 
 
 #: Band name (the ``--band`` setting) → edge function

@@ -30,6 +30,7 @@ __all__ = [
     "leave_one_out_rewards",
     "novelty_rewards",
     "REWARDS",
+    "EMBEDDING_REWARDS",
 ]
 
 
@@ -145,8 +146,8 @@ def novelty_rewards(answers: Sequence[str | None], embeddings: Any, task: str = 
     every other one (≤ −0.5): novelty ranks responses only within their group.
 
     Shapes: answers N strings/None; embeddings (N, d) tensor (or anything ``torch.as_tensor``
-    takes); returns N floats. Not in :data:`REWARDS`: it needs the embeddings, so the loop
-    calls it separately.
+    takes); returns N floats. Not in :data:`REWARDS`: it needs the embeddings, so it is in
+    :data:`EMBEDDING_REWARDS`.
     """
     n = len(answers)
     if n == 0:
@@ -175,11 +176,19 @@ def novelty_rewards(answers: Sequence[str | None], embeddings: Any, task: str = 
 
 #: Reward name (the ``--reward`` setting) → function ``(answers, task) -> list[float]``.
 #: A new label-free reward is one entry here and one choice in ``SpineConfig.reward``.
-#: (novelty_rewards is not here: it also needs the responses' embeddings, so the loop wires it
-#: separately.)
+#: (novelty_rewards is not here: it also needs the responses' embeddings; see
+#: :data:`EMBEDDING_REWARDS`.)
 REWARDS: dict[str, Callable[..., list[float]]] = {
     "majority": majority_rewards,
     "frequency": frequency_rewards,
     "leave-one-out": leave_one_out_rewards,
     "ttrv": ttrv_rewards,
+}
+
+#: Rewards that also need each response's sentence embedding → function
+#: ``(answers, embeddings (N, d), task) -> list[float]``. The loop embeds the group's completion
+#: texts (:mod:`spine_ttrl.embeddings`) and passes them; ``SpineConfig.reward``'s choices are
+#: :data:`REWARDS` and this table.
+EMBEDDING_REWARDS: dict[str, Callable[..., list[float]]] = {
+    "novelty": novelty_rewards,
 }

@@ -41,6 +41,7 @@ __all__ = [
     "logprobs_and_entropy",
     "window_entropy",
     "nucleus_entropy",
+    "SELECTION_SIGNALS",
     "top_entropy_mask",
     "entropy_threshold",
     "otsu_mask",
@@ -576,6 +577,18 @@ def window_entropy(entropies: torch.Tensor, token_mask: torch.Tensor, window: in
     out = torch.where(mask, total / count.clamp(min=1), torch.zeros_like(total))
     return out.to(entropies.dtype)
 
+
+
+def _token_signal(entropies: torch.Tensor, token_mask: torch.Tensor, window: int) -> torch.Tensor:
+    """The token entropies themselves (``window`` unused)."""
+    return entropies
+
+
+#: Selection signal (the ``--selection-signal`` setting) → ``fn(entropies (B, T), token_mask (B, T),
+#: window) -> (B, T)``: what the forking-token rules of :mod:`spine_ttrl.selection` rank. ``token``
+#: is H itself, ``window`` ARES's :func:`window_entropy` over ``window`` tokens. A new signal is one
+#: entry here and one choice in ``SpineConfig.selection_signal``.
+SELECTION_SIGNALS = {"token": _token_signal, "window": window_entropy}
 
 def _nucleus_chunk(z: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log q, q, H) of a (c, V) chunk of scaled logits, q = softmax restricted to the nucleus.

@@ -16,7 +16,7 @@ def test_presets_set_the_method():
     v2 = make_config("spine-v2")
     assert (v2.spine.selection, v2.spine.band) == ("otsu", "mad")
     assert make_config("none").optim.steps == 0
-    assert set(PRESETS) == {"ttrl", "spine", "spine-v2", "none"}
+    assert set(PRESETS) == {"ttrl", "spine", "spine-v2", "ttrv", "evol-rl", "ettrl", "siren", "none"}
 
 
 def test_precedence_default_preset_file_cli(tmp_path):
@@ -111,17 +111,71 @@ def test_configuration_doc_is_generated_from_the_dataclasses():
 
 
 def test_config_choices_are_the_name_to_function_tables():
+    # A new method is one entry in a name -> function table and one documented config value.
     import dataclasses
 
+    from spine_ttrl.answers import TASKS
     from spine_ttrl.config import SpineConfig
-    from spine_ttrl.losses import BANDS
-    from spine_ttrl.rewards import REWARDS
+    from spine_ttrl.losses import ADVANTAGE_NORMS, ADVANTAGE_SHAPINGS, BANDS, ENTROPY_REGULARIZERS, TOKEN_WEIGHTS
+    from spine_ttrl.rewards import EMBEDDING_REWARDS, REWARDS
     from spine_ttrl.selection import SELECTIONS
+    from spine_ttrl.tokens import SELECTION_SIGNALS
 
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(SpineConfig)}
-    assert set(choices["reward"]) == set(REWARDS) == {"majority", "frequency"}
+    assert set(choices["reward"]) == set(REWARDS) | set(EMBEDDING_REWARDS) == {
+        "majority", "frequency", "ttrv", "leave-one-out", "novelty"}
+    assert not set(REWARDS) & set(EMBEDDING_REWARDS)
     assert set(choices["band"]) == set(BANDS) == {"none", "quantile", "mad"}
     assert set(choices["selection"]) == set(SELECTIONS) == {"all", "top", "otsu"}
+    assert set(choices["advantage_norm"]) == set(ADVANTAGE_NORMS) == {"group", "batch"}
+    assert set(choices["advantage_shaping"]) == set(ADVANTAGE_SHAPINGS) == {"none", "ear"}
+    assert set(choices["token_weights"]) == set(TOKEN_WEIGHTS) == {"none", "steer"}
+    assert set(choices["entropy_reg"]) == set(ENTROPY_REGULARIZERS) == {"none", "anchored", "adaptive"}
+    assert set(choices["selection_signal"]) == set(SELECTION_SIGNALS) == {"token", "window"}
+    from spine_ttrl.config import DataConfig
+
+    task = next(f for f in dataclasses.fields(DataConfig) if f.name == "task")
+    assert set(task.metadata["choices"]) == set(TASKS) | {"auto"}
+
+
+def test_neighbour_presets_are_ttrl_plus_their_switches():
+    from spine_ttrl.config import Config
+
+    preset = next(f for f in __import__("dataclasses").fields(Config) if f.name == "preset")
+    assert set(preset.metadata["choices"]) == set(PRESETS)
+    for name in ("ttrv", "evol-rl", "ettrl", "siren"):
+        sp = make_config(name).spine
+        assert (sp.selection, sp.band, sp.kl_tokens) == ("all", "none", "all"), name
+    ttrv = make_config("ttrv").spine
+    assert (ttrv.reward, ttrv.advantage_norm) == ("ttrv", "batch")
+    assert make_config("evol-rl").spine.reward == "novelty"
+    ettrl = make_config("ettrl")
+    assert (ettrl.sampling.rollout, ettrl.spine.advantage_shaping) == ("tree", "ear")
+    assert ettrl.sampling.tree_shape() == (2, 1, 3)  # 8 votes = 2 x (1 + 1 x 3) leaves
+    assert make_config("ettrl", overrides={"sampling": {"num_votes": 32}}).sampling.tree_shape() == (8, 1, 3)
+    siren = make_config("siren").spine
+    assert (siren.entropy_reg, siren.entropy_reg_quantile, siren.entropy_reg_top_p) == ("anchored", 0.8, 0.95)
+    # the other switches stay at their defaults in every preset of the paper's methods
+    for name in ("ttrl", "spine", "spine-v2"):
+        sp, s = make_config(name).spine, make_config(name).sampling
+        assert (sp.reward, sp.advantage_norm, sp.advantage_shaping, sp.token_weights, sp.entropy_reg,
+                sp.selection_signal, s.rollout) == ("majority", "group", "none", "none", "none", "token", "flat")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"sampling": {"rollout": "tree", "num_votes": 6, "num_train_samples": 4}}, "a multiple of 4"),
+    ({"sampling": {"rollout": "tree", "tree_samples": 3}}, "= 12"),
+    ({"sampling": {"rollout": "tree", "sampler": "vllm"}}, "rollout=tree needs sampler=builtin"),
+    ({"spine": {"window_size": 0}}, "window_size"),
+    ({"spine": {"entropy_reg_quantile": 1.0}}, "entropy_reg_quantile"),
+    ({"spine": {"entropy_reg_top_p": 0.0}}, "entropy_reg_top_p"),
+    ({"spine": {"entropy_coef_delta": -1.0}}, "entropy_coef_delta"),
+    ({"spine": {"token_weights": "bogus"}}, "spine.token_weights must be one of none, steer"),
+])
+def test_neighbour_switches_are_validated(overrides, fragment):
+    with pytest.raises(ValueError) as exc:
+        make_config("ttrl", overrides=overrides)
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_eval_help_lists_evaluation_settings_only(capsys):

@@ -160,3 +160,51 @@ def test_adaptive_entropy_coef(coef, entropy, expected):
     out = adaptive_entropy_coef(coef, entropy, target=0.2, delta=0.005, max_coef=0.05)
     assert type(out) is float
     assert out == pytest.approx(expected, abs=1e-12)
+
+
+# ---------------------------------------------------------------- the loop's pieces around them
+def test_batch_advantages_hand():
+    from spine_ttrl.losses import batch_advantages, group_advantages
+
+    # rewards (1, 0 | 3, 3): mean 7/4, population std sqrt(((3/4)^2 + (7/4)^2 + 2 (5/4)^2) / 4) = 1.29904
+    r = torch.tensor([1.0, 0.0, 3.0, 3.0])
+    std = math.sqrt((0.75**2 + 1.75**2 + 2 * 1.25**2) / 4)
+    assert_close(batch_advantages(r, 2), torch.tensor([-0.75, -1.75, 1.25, 1.25]) / (std + 1e-6))
+    # per group the offset of the second question (3, 3) cancels: (1, -1, 0, 0)
+    assert_close(group_advantages(r, 2), torch.tensor([1.0, -1.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    # a per-question constant added to every reward: cancels per group, not over the batch
+    shifted = r + torch.tensor([0.5, 0.5, -0.5, -0.5])
+    assert_close(group_advantages(shifted, 2), group_advantages(r, 2))
+    assert not torch.allclose(batch_advantages(shifted, 2), batch_advantages(r, 2))
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        batch_advantages(torch.ones(3), 2)
+
+
+def test_entropy_bonus_and_response_mean_entropy_hand():
+    from spine_ttrl.losses import entropy_bonus, response_mean_entropy
+
+    h = torch.tensor([[1.0, 3.0], [2.0, float("nan")]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    # -0.1 * (1 + 3 + 2) / 3 = -0.2; d/dH = -0.1/3 on masked tokens, 0 on the NaN padding
+    bonus = entropy_bonus(h, mask, 0.1, 3)
+    assert_close(bonus, torch.tensor(-0.2))
+    bonus.backward()
+    assert_close(h.grad, torch.tensor([[-0.1 / 3, -0.1 / 3], [-0.1 / 3, 0.0]]))
+    assert_close(response_mean_entropy(h, mask), torch.tensor([2.0, 2.0]))
+    assert_close(response_mean_entropy(h, torch.zeros(2, 2, dtype=torch.bool)), torch.zeros(2))
+
+
+def test_policy_loss_token_weights_hand():
+    from spine_ttrl.losses import policy_loss
+
+    # ratio 1 everywhere: per token -A; A = (1, -2); weights (0.8, 1.2 | 1.0, pad)
+    # L = -(0.8 + 1.2) * 1 + 1.0 * 2 = 0 over normaliser 3 -> 0; then weights (1.2, 1.2 | 0.8): -(2.4) + 1.6 = -0.8 / 3
+    lp = torch.zeros(2, 2)
+    mask = torch.tensor([[True, True], [True, False]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, _ = policy_loss(lp, lp, adv, mask, 0.2, 3, weights=torch.tensor([[0.8, 1.2], [1.0, 5.0]]))
+    assert_close(loss, torch.tensor(0.0))
+    loss, _ = policy_loss(lp, lp, adv, mask, 0.2, 3, weights=torch.tensor([[1.2, 1.2], [0.8, 5.0]]))
+    assert_close(loss, torch.tensor(-0.8 / 3))
+    unweighted, _ = policy_loss(lp, lp, adv, mask, 0.2, 3)
+    assert_close(unweighted, policy_loss(lp, lp, adv, mask, 0.2, 3, weights=torch.ones(2, 2))[0])
