@@ -102,6 +102,11 @@ def test_resume_continues_from_trl_checkpoint(model_and_data, tmp_path):
     (["--long-prompts", "truncate"], "long_prompts=truncate"),
     (["--device", "cuda:1"], "CUDA_VISIBLE_DEVICES"),
     (["--sampler", "vllm"], "spine-ttrl[vllm]"),
+    (["--reward", "novelty"], "--engine trl supports reward=majority|frequency|ttrv|leave-one-out"),
+    (["--preset", "ettrl"], "(got advantage_shaping=ear, rollout=tree)"),
+    (["--preset", "siren"], "(got entropy_reg=anchored)"),
+    (["--advantage-norm", "batch", "--token-weights", "steer", "--selection-signal", "window"],
+     "(got advantage_norm=batch, token_weights=steer, selection_signal=window)"),
 ])
 def test_refusals_are_one_line(model_and_data, tmp_path, capsys, flags, message):
     model, data = model_and_data

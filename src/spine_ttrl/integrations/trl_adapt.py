@@ -66,6 +66,15 @@ def check_trl_config(cfg: Config, num_processes: int = 1) -> None:
         raise ValueError("--engine trl places process i on GPU i: choose GPUs with CUDA_VISIBLE_DEVICES, not --device cuda:N")
     if cfg.preset == "none" or o.steps == 0:
         raise ValueError("--engine trl trains; for evaluation only use `spine-ttrl eval` (the built-in engine)")
+    sp = cfg.spine
+    new = {"reward": (sp.reward, "majority|frequency|ttrv|leave-one-out"), "advantage_norm": (sp.advantage_norm, "group"),
+           "advantage_shaping": (sp.advantage_shaping, "none"), "token_weights": (sp.token_weights, "none"),
+           "entropy_reg": (sp.entropy_reg, "none"), "selection_signal": (sp.selection_signal, "token"),
+           "rollout": (s.rollout, "flat")}
+    bad = [f"{k}={v}" for k, (v, ok) in new.items() if v not in ok.split("|")]
+    if bad:
+        raise ValueError(f"--engine trl supports {', '.join(f'{k}={ok}' for k, (_, ok) in new.items())} only "
+                         f"(got {', '.join(bad)}): the neighbours' switches run on the built-in engine")
 
 
 def trl_args(cfg: Config, output_dir: str | Path, *, bf16: bool, use_cpu: bool, task: str = "math"):
