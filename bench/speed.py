@@ -115,7 +115,7 @@ def worker_trl(precision: str, steps: int, seed: int, threads: int, micro: int =
 
     if threads:
         torch.set_num_threads(threads)
-    procs = PartialState().num_processes
+    procs = PartialState(cpu=True).num_processes  # cpu=True: else torchrun's WORLD_SIZE is ignored without a GPU
     model, tokenizer = load_model_and_tokenizer(None)
     examples = load_examples(DATA)
     task = resolve_task(examples, "auto")
@@ -209,7 +209,7 @@ def worker_trl(precision: str, steps: int, seed: int, threads: int, micro: int =
     n_params = sum(p.numel() for p in model.parameters())
     return {"steps": rows, "params": n_params, "wall_s": wall, "peak_rss_mb": _peak_rss_mb(),
             "trl_version": __import__("trl").__version__, "processes": procs,
-            "rank": PartialState().process_index}
+            "rank": PartialState(cpu=True).process_index}
 
 
 def worker_peak(threads: int) -> dict:

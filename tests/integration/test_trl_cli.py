@@ -69,6 +69,7 @@ def test_adapt_engine_trl_writes_the_run_directory(model_and_data, tmp_path):
     assert cli.main(_flags(model, data, out, "--preset", "spine", "--steps", "2", "--eval-every", "1")) == 0
     metrics = _jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[-1]["data/epoch"] == 1.0  # 2 questions per step: 2 steps = one pass over the 4 questions
     for name in OUR_METRICS:
         assert name in metrics[0], name
     assert 0.1 < metrics[0]["tokens/selected_fraction"] < 0.4  # top 20 % of the batch's tokens
@@ -134,6 +135,8 @@ def test_trl_args_map_the_configuration():
                   "clip_eps": 0.25, "schedule": "cosine", "warmup_steps": 1},
         "spine": {"kl_coef": 0.05, "beta_up": 0.3}, "run": {"seed": 11, "save_every": 2}})
     a = trl_args(cfg, "/tmp/x", bf16=False, use_cpu=True, task="math")
+    two = trl_args(cfg, "/tmp/x", bf16=False, use_cpu=True, task="math", num_processes=2)
+    assert two.gradient_accumulation_steps == two.steps_per_generation == 4  # the batch is split, not doubled
     assert (a.num_generations, a.num_votes, a.per_device_train_batch_size) == (4, 8, 2)
     assert a.gradient_accumulation_steps == a.steps_per_generation == 8  # 4 questions x 4 samples / 2 rows
     assert (a.num_iterations, a.max_steps, a.warmup_steps, a.save_steps) == (2, 10, 2, 4)
@@ -163,5 +166,6 @@ def test_torchrun_two_processes(model_and_data, tmp_path):
     assert "processes=2" in proc.stdout + proc.stderr
     metrics = _jsonl(out / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2]
+    assert metrics[-1]["data/epoch"] == 1.0  # the 2 processes share one step's 2 questions, not 2 each
     assert [e["tag"] for e in _jsonl(out / "eval.jsonl")] == ["before", "after"]
     assert (out / "final" / "config.json").exists() and (out / "report.md").exists()

@@ -45,9 +45,10 @@ METRIC_NAMES = {
     "grad_norm": "optim/grad_norm",
     "learning_rate": "optim/lr",
     "entropy": "entropy/all_mean",  # kept only where selection logs no entropy/all_mean of its own
+    "epoch": "data/epoch",  # passes over the questions so far
 }
 # TRL log keys dropped from metrics.jsonl (duplicates of ours, or bookkeeping).
-_DROPPED = {"loss", "reward", "reward_std", "epoch", "step_time", "num_tokens", "total_flos", "train_runtime",
+_DROPPED = {"loss", "reward", "reward_std", "step_time", "num_tokens", "total_flos", "train_runtime",
             "train_samples_per_second", "train_steps_per_second", "train_loss",
             "rewards/label_free_majority/mean", "rewards/label_free_majority/std"}
 
@@ -77,14 +78,14 @@ def check_trl_config(cfg: Config, num_processes: int = 1) -> None:
                          f"(got {', '.join(bad)}): the neighbours' switches run on the built-in engine")
 
 
-def trl_args(cfg: Config, output_dir: str | Path, *, bf16: bool, use_cpu: bool, task: str = "math"):
-    """The :class:`SpineGRPOConfig` that trains as ``cfg`` does (see the module docstring)."""
+def trl_args(cfg: Config, output_dir: str | Path, *, bf16: bool, use_cpu: bool, task: str = "math",
+             num_processes: int = 1):
+    """The :class:`SpineGRPOConfig` that trains as ``cfg`` does over ``num_processes`` processes
+    (see the module docstring)."""
     from .trl import SpineGRPOConfig
 
     s, sp, o, run = cfg.sampling, cfg.spine, cfg.optim, cfg.run
-    from accelerate import PartialState
-
-    procs = PartialState().num_processes
+    procs = num_processes
     accum = o.questions_per_step * s.num_train_samples // (o.micro_batch_size * procs)
     spine = {name: getattr(sp, name) for name in ("selection", "rho", "scope", "band", "band_low_q", "band_high_q",
                                                    "beta_low", "beta_up", "kl_coef", "kl_tokens", "reward")}
@@ -238,7 +239,10 @@ def adapt_trl(config: Config):
     from .trl import SpineGRPOTrainer
 
     cfg = config.validate()
-    dist = PartialState()
+    check_trl_config(cfg)  # one-line refusals before the device is even looked at
+    device = resolve_device(cfg.model.device)
+    # cpu=True: without it accelerate ignores torchrun's WORLD_SIZE on a machine without a GPU.
+    dist = PartialState(cpu=device.type == "cpu")
     check_trl_config(cfg, dist.num_processes)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -248,7 +252,6 @@ def adapt_trl(config: Config):
     if len(examples) < cfg.optim.questions_per_step:
         raise ValueError(f"--engine trl needs at least questions_per_step ({cfg.optim.questions_per_step}) questions, "
                          f"got {len(examples)}")
-    device = resolve_device(cfg.model.device)
     check_sampler(cfg.sampling.sampler, device)  # vLLM needs the extra and a GPU: refused before anything is written
     payload = [prepare_trl_run_dir(cfg) if dist.is_main_process else None]
     out_dir, resume_from = broadcast_object_list(payload, from_process=0)[0] if dist.num_processes > 1 else payload[0]
@@ -258,7 +261,8 @@ def adapt_trl(config: Config):
     log.info(report)
     qs = Questions(examples, prompt_ids, task)
     bf16 = autocast_dtype_for(cfg.model.precision, device) is not None
-    args = trl_args(cfg, out_dir / "trl", bf16=bf16, use_cpu=device.type == "cpu", task=task)
+    args = trl_args(cfg, out_dir / "trl", bf16=bf16, use_cpu=device.type == "cpu", task=task,
+                    num_processes=dist.num_processes)
     if not getattr(tokenizer, "chat_template", None):
         prompts = ["\n\n".join(m["content"] for m in build_messages(ex, task, cfg.data.system_prompt or None)) + "\n"
                    for ex in examples]
