@@ -73,7 +73,7 @@ def evaluate_prompts(
     """
     metrics: dict[str, float] = {"questions": float(len(examples))}
     records = [{"id": ex.id, "label": ex.answer} for ex in examples]
-    prompts = [list(p) for p in prompt_ids]
+    prompts = [p if isinstance(p, list) else list(p) for p in prompt_ids]  # a list subclass keeps its images
     if greedy and examples:
         roll = sampler.generate(prompts, replace(params, num_samples=1, temperature=0.0, top_p=1.0,
                                                  return_entropy=False), progress=progress)

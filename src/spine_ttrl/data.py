@@ -43,6 +43,7 @@ tokenising; :func:`limit_prompt_length` is the pure decision it calls.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -53,6 +54,8 @@ from typing import Any, NamedTuple, Sequence
 # The generator and the shared types live in their own modules; their names stay importable from here.
 from .arith import ARITH_LEVELS, ARITH_USAGE, Made, generate_arith, parse_arith_spec  # noqa: F401
 from .example import DataError, Example
+from .images import parse_image_field
+from .shapes import SHAPES_USAGE, generate_shapes, parse_shapes_spec  # noqa: F401
 
 # ------------------------------------------------------------------------------------------ constants
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -72,7 +75,7 @@ ID_FIELDS = ("id", "ID")
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv")
 SUPPORTED_INPUTS = (
     ".json (array of objects, or an object with a 'data' array), .jsonl/.ndjson, .csv/.tsv, "
-    "a directory saved with datasets' save_to_disk, or arith:<level>[:<count>[:<seed>]]"
+    "a directory saved with datasets' save_to_disk, arith:<level>[:<count>[:<seed>]] or shapes:<count>[:<seed>]"
 )
 
 
@@ -87,6 +90,8 @@ def load_examples(spec: str) -> list[Example]:
     if spec == "arith" or spec.startswith("arith:"):
         level, count, seed = parse_arith_spec(spec)
         return generate_arith(level, count, seed)
+    if spec.startswith("shapes:"):
+        return generate_shapes(*parse_shapes_spec(spec))
 
     path = Path(spec)
     if not path.exists():
@@ -117,6 +122,9 @@ def load_examples(spec: str) -> list[Example]:
     first_seen: dict[str, str] = {}
     for index, (where, record) in enumerate(records):
         example = _example_from_record(record, where, default_id=f"{stem}:{index}")
+        if isinstance(record, dict):  # images are checked here, before any model loads
+            images = parse_image_field(record, where, path if path.is_dir() else path.parent)
+            example = dataclasses.replace(example, images=images) if images else example
         if example.id in first_seen:
             raise DataError(f"{where}: field 'id': duplicate id {example.id!r} (first at {first_seen[example.id]})")
         first_seen[example.id] = where

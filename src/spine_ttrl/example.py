@@ -22,6 +22,7 @@ class Example:
     answer: str | None = None
     choices: tuple[str, ...] | None = None
     id: str = ""
+    images: tuple = ()  # checked image sources (absolute path strings or PNG/JPEG bytes), see spine_ttrl.images
 
 
 class DataError(ValueError):

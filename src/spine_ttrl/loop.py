@@ -35,7 +35,7 @@ from .data import load_examples, resolve_task
 from .engine import SamplingParams
 from .engine.builtin import check_sampler, load_builtin_engine
 from .engine.precision import autocast_dtype_for, bf16_supported, resolve_device  # noqa: F401 (autocast_dtype_for, bf16_supported: re-exported)
-from .engine.scoring import build_training_batch, micro_batches, score_batch, score_completions  # noqa: F401
+from .engine.scoring import batch_to_device, build_training_batch, micro_batches, score_batch, score_completions  # noqa: F401
 from .losses import group_advantages
 from .prompting import encode_examples
 from .report import collapse_warnings, read_jsonl, write_report
@@ -193,7 +193,7 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
     batch = build_training_batch([qs.prompt_ids[q_idx[r // s.num_votes]] for r in rows],
                                  [roll.completion_ids[r][roll.completion_mask[r]].tolist() for r in rows],
                                  eng.sampler.pad_token_id)
-    batch = tuple(t.to(eng.device) if isinstance(t, torch.Tensor) else t for t in batch)
+    batch = batch_to_device(batch, eng.device)
     token_mask = batch[4]
     behaviour_entropy = None  # a sampler that returns no entropies (vLLM): the update scores the kept rows
     if roll.entropies is not None:

@@ -38,7 +38,20 @@ def encode_examples(
 
     Returns:
         (kept examples, their prompt ids, a one-line report for the log).
+
+    ``tokenizer`` may be a vision-language processor: then the prompts carry their images
+    (:func:`spine_ttrl.vision.encode_image_examples`). Questions with images and a text-only
+    tokenizer are refused.
     """
+    if getattr(tokenizer, "image_processor", None) is not None:
+        from .vision import encode_image_examples
+
+        return encode_image_examples(tokenizer, examples, task, max_prompt_tokens=max_prompt_tokens,
+                                     long_prompts=long_prompts, system_prompt=system_prompt)
+    if any(ex.images for ex in examples):
+        from .vision import check_text_model_data
+
+        check_text_model_data(examples)
     ids = [encode_prompt(tokenizer, build_messages(ex, task, system_prompt=system_prompt or None)) for ex in examples]
     decision = limit_prompt_length(examples, [len(p) for p in ids], max_prompt_tokens, long_prompts)
     cut = set(decision.truncated)

@@ -136,7 +136,12 @@ def save_final_model(model, tokenizer, path: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     to_save.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    if getattr(tokenizer, "image_processor", None) is not None:  # a vision-language model's processor
+        from .vision import save_processor
+
+        save_processor(tokenizer, tmp)
+    else:
+        tokenizer.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

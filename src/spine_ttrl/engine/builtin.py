@@ -56,13 +56,24 @@ def load_builtin_engine(model_cfg, *, need_reference: bool, sampling_cfg=None, s
     the frozen reference for the KL term."""
     device = resolve_device(model_cfg.device)
     lora = lora_settings(model_cfg)
-    model, tokenizer = load_model_and_tokenizer(model_cfg.model, lora=lora, device=device)
+    from ..vision import is_image_text_model
+
+    vision = is_image_text_model(model_cfg.model)
+    if vision and sampling_cfg is not None and sampling_cfg.sampler == "vllm":
+        raise ValueError("--sampler vllm is not supported for vision-language models: use the built-in sampler")
+    if vision:  # the engine's "tokenizer" is the processor (prompts with images, saved with final/)
+        from ..vision import load_vision_model
+
+        model, tokenizer = load_vision_model(model_cfg.model, lora=lora, device=device,
+                                             freeze_vision=getattr(model_cfg, "freeze_vision", True))
+    else:
+        model, tokenizer = load_model_and_tokenizer(model_cfg.model, lora=lora, device=device)
     amp = autocast_dtype_for(model_cfg.precision, device)
     reference = None
     if need_reference:
         reference = model if lora is not None else copy.deepcopy(model).eval().requires_grad_(False)
-    eng = BuiltinEngine(model, tokenizer, builtin_sampler(model, tokenizer, amp), amp, lora is not None, reference,
-                        device)
+    eng = BuiltinEngine(model, tokenizer, _sampler(model, tokenizer, amp, vision), amp, lora is not None,
+                        reference, device)
     if sampling_cfg is not None and sampling_cfg.sampler == "vllm":
         from .models import resolve_model_path
         from .vllm import load_vllm_sampler
@@ -71,6 +82,17 @@ def load_builtin_engine(model_cfg, *, need_reference: bool, sampling_cfg=None, s
                                         gpu_memory_utilization=sampling_cfg.vllm_gpu_memory_utilization,
                                         max_model_len=None, seed=seed)
     return eng
+
+
+def _sampler(model, tokenizer, amp, vision: bool):
+    """The built-in sampler; for a vision-language model (``tokenizer`` is its processor) the one
+    that carries pixel inputs."""
+    if not vision:
+        return builtin_sampler(model, tokenizer, amp)
+    from ..vision import VisionSampler
+
+    base = builtin_sampler(model, tokenizer.tokenizer, amp)
+    return VisionSampler(base.model, base.tokenizer, base.eos_token_ids, base.pad_token_id, amp)
 
 
 def check_sampler(sampler: str, device: torch.device) -> None:

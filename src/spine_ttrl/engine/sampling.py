@@ -192,6 +192,31 @@ def _left_pad(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def _prefill_plan(model, ids, attn, cache, prompt_inputs, rows):
+    """Which rows run the prefill and how: ``(keep, expand, prefill, offset)``.
+
+    ``keep`` (U,) the distinct prompt rows and ``expand`` (b,) the kept row of every row (both
+    None when every row is distinct or the model returns no cache); ``prefill`` extra forward
+    inputs of the kept rows and ``offset`` (b,) the position offset of the decoded tokens (from
+    ``prompt_inputs``, prompts with images; else ``{}`` and None).
+    """
+    b = ids.shape[0]
+    if prompt_inputs is None:
+        keep, expand = shared_rows(ids, attn)
+    else:  # equal token ids do not mean equal images: rows share a prefill only within a question
+        keep, expand = shared_rows(torch.cat([ids, prompt_inputs.key(rows).to(ids.device)[:, None]], 1),
+                                   torch.cat([attn, attn.new_ones(b, 1)], 1))
+    if keep.numel() == b or cache is None:
+        keep = expand = None
+    if prompt_inputs is None:
+        return keep, expand, {}, None
+    if keep is None:
+        prefill, offset = prompt_inputs.prefill(model, rows, ids, attn)
+        return keep, expand, prefill, offset
+    prefill, offset = prompt_inputs.prefill(model, rows[keep.cpu()], ids[keep], attn[keep])
+    return keep, expand, prefill, offset[expand]
+
+
 def _sample_chunk(
     model,
     ids: torch.Tensor,
@@ -206,8 +231,10 @@ def _sample_chunk(
     progress: Callable[[int], object] | None,
     extra_kwargs: dict,
     return_entropy: bool = False,
+    prompt_inputs=None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Decode one chunk of b rows.
+    """Decode one chunk of b rows (``rows``: their indices in the whole batch, for ``prompt_inputs``).
 
     Returns (tokens (b, max_new_tokens), lengths (b,), finished (b,), entropies (b, max_new_tokens) or None).
     """
@@ -226,20 +253,14 @@ def _sample_chunk(
     cache_key = cache_kwarg(model)
     # Rows that repeat a prompt (the G samples of a question) share one prefill: the distinct
     # prompts run once and their cache rows are copied to every sample.
-    keep, expand = shared_rows(ids, attn)
-    if keep.numel() == b or cache is None:
-        keep = expand = None
+    keep, expand, prefill, offset = _prefill_plan(model, ids, attn, cache, prompt_inputs, rows)
 
     for t in range(max_new_tokens):
         sel = keep if (t == 0 and keep is not None) else slice(None)
-        out = model(
-            input_ids=input_ids[sel],
-            attention_mask=attn[sel],
-            position_ids=position_ids[sel],
-            **{cache_key: cache},
-            use_cache=True,
-            **extra_kwargs,
-        )
+        inputs = {"input_ids": input_ids[sel], "attention_mask": attn[sel], "position_ids": position_ids[sel]}
+        if t == 0:
+            inputs.update(prefill)
+        out = model(**inputs, **{cache_key: cache}, use_cache=True, **extra_kwargs)
         returned = output_cache(out)
         if returned is not None:
             cache = returned
@@ -263,9 +284,10 @@ def _sample_chunk(
             # Finished rows stop costing compute: drop them from the batch and the KV cache.
             keep = (~done).nonzero().squeeze(-1)
             active, tok, attn, next_pos = active[keep], tok[keep], attn[keep], next_pos[keep]
+            offset = offset[keep] if offset is not None else None
             cache = select_cache_rows(cache, keep)
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=-1)
-        input_ids, position_ids = tok[:, None], next_pos[:, None]
+        input_ids, position_ids = tok[:, None], (next_pos if offset is None else next_pos + offset)[:, None]
         next_pos = next_pos + 1
     return tokens, lengths, finished, entropies
 
@@ -302,6 +324,7 @@ def sample(
     autocast_dtype: torch.dtype | None = None,
     tokenizer=None,
     return_entropy: bool = False,
+    prompt_inputs=None,
 ) -> Rollout:
     """Sample ``num_samples`` completions for each prompt (see the module docstring for shapes).
 
@@ -326,6 +349,8 @@ def sample(
         return_entropy: also return ``Rollout.entropies``, the entropy of the sampling
             distribution at every generated token (costs one log-softmax per step). The
             training loop selects forking tokens from these, so it needs no extra scoring pass.
+        prompt_inputs: prompts with images: the prefill's pixel inputs and positions
+            (:class:`spine_ttrl.vision.RowImages`).
     """
     _check_sample_args(prompt_ids, num_samples, max_new_tokens, temperature, top_p, return_entropy)
     device = device_of(model)
@@ -358,6 +383,7 @@ def sample(
                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos=eos,
                     pad_token_id=pad_token_id, generator=generator, progress=progress,
                     extra_kwargs=extra_kwargs, return_entropy=return_entropy,
+                    prompt_inputs=prompt_inputs, rows=torch.arange(start, stop),
                 )
                 tokens[start:stop] = c_tokens.cpu()
                 if entropies is not None:

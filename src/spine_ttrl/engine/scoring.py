@@ -43,7 +43,19 @@ def build_training_batch(prompt_ids: list[list[int]], completion_ids: list[list[
     position_ids = (attn.long().cumsum(dim=1) - 1).clamp(min=0)
     completion = input_ids[:, P:]
     token_mask = attn[:, P:]
-    return input_ids, attn, position_ids, completion, token_mask, P
+    batch = (input_ids, attn, position_ids, completion, token_mask, P)
+    if any(getattr(p, "pixels", None) for p in prompt_ids):  # prompts with images carry their pixel inputs
+        from ..vision import VisionBatch
+
+        return VisionBatch(batch, prompt_ids)
+    return batch
+
+
+def batch_to_device(batch, device):
+    """``batch`` (:func:`build_training_batch`'s) with its tensors on ``device``; keeps a VisionBatch's images."""
+    if hasattr(batch, "to"):
+        return batch.to(device)
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in batch)
 
 
 def micro_batches(B: int, size: int) -> list[list[int]]:
@@ -115,7 +127,9 @@ def score_completions(model, batch, rows, *, temperature: float, chunk_size: int
     T = max(int(token_mask[rows].long().sum(dim=1).max()), 1)
     weight, bias = output_head(model)
     h = None
-    if share_prompts and model not in _NO_PROMPT_SHARING:
+    if hasattr(batch, "prompts"):  # images: the batch runs the multimodal backbone with its pixel inputs
+        h, positions = batch.hidden(model, rows, first, T, share=share_prompts)
+    elif share_prompts and model not in _NO_PROMPT_SHARING:
         h, positions = _shared_prompt_hidden(model, batch, rows, first, T)
     if h is None:
         sl = slice(first, P + T)
