@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .answers import cluster_answers, extract_answer, is_equivalent, majority_vote
+from .answers import DEFAULT_LABELS, cluster_answers, extract_answer, is_equivalent, majority_vote
 from .data import Example
 from .evaluate import mean_and_stderr, pass_at_k
 from .engine import SamplingParams
@@ -73,21 +73,22 @@ def evaluate_prompts(
     """
     metrics: dict[str, float] = {"questions": float(len(examples))}
     records = [{"id": ex.id, "label": ex.answer} for ex in examples]
+    label_sets = [ex.labels or DEFAULT_LABELS for ex in examples]  # task "label": what each answer may be
     prompts = [p if isinstance(p, list) else list(p) for p in prompt_ids]  # a list subclass keeps its images
     if greedy and examples:
         roll = sampler.generate(prompts, replace(params, num_samples=1, temperature=0.0, top_p=1.0,
                                                  return_entropy=False), progress=progress)
-        _greedy_metrics(roll, records, metrics, task)
+        _greedy_metrics(roll, records, metrics, task, label_sets)
     if params.num_samples > 0 and examples:
         gen = torch.Generator(device=getattr(sampler, "device", "cpu")).manual_seed(seed)
         roll = sampler.generate(prompts, replace(params, return_entropy=False), generator=gen, progress=progress)
-        _sampled_metrics(roll, records, metrics, task, params.num_samples)
+        _sampled_metrics(roll, records, metrics, task, params.num_samples, label_sets)
     return EvalResult(metrics=metrics, records=records)
 
 
-def _greedy_metrics(roll, records: list[dict], metrics: dict, task: str) -> None:
+def _greedy_metrics(roll, records: list[dict], metrics: dict, task: str, label_sets: list) -> None:
     lengths = roll.completion_mask.sum(dim=1).tolist()
-    answers = [extract_answer(t, task) for t in roll.texts]
+    answers = [extract_answer(t, task, labels) for t, labels in zip(roll.texts, label_sets)]
     for rec, text, ans, n in zip(records, roll.texts, answers, lengths):
         rec.update(greedy_answer=ans, greedy_length=n, greedy_text=text)
         if rec["label"] is not None:
@@ -100,9 +101,9 @@ def _greedy_metrics(roll, records: list[dict], metrics: dict, task: str) -> None
         _add(metrics, "greedy_pass@1", [float(r["greedy_correct"]) for r in records if "greedy_correct" in r])
 
 
-def _sampled_metrics(roll, records: list[dict], metrics: dict, task: str, k: int) -> None:
+def _sampled_metrics(roll, records: list[dict], metrics: dict, task: str, k: int, label_sets: list) -> None:
     lengths = roll.completion_mask.sum(dim=1).tolist()
-    answers = [extract_answer(t, task) for t in roll.texts]
+    answers = [extract_answer(t, task, label_sets[i // k]) for i, t in enumerate(roll.texts)]
     ratios, distinct, avg, maj, passk = [], [], [], [], []
     for q, rec in enumerate(records):
         ans_q = answers[q * k:(q + 1) * k]

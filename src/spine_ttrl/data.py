@@ -19,6 +19,9 @@ prompt     ``prompt``, ``question``, ``problem``, ``input`` (MAWPS),    non-empt
 answer     ``answer``, ``target``, ``Answer``                           string or number, optional
 choices    ``choices``                                                  list of strings (a JSON-encoded
                                                                         list in CSV cells), optional
+labels     ``labels``                                                   list of strings (JSON-encoded in
+                                                                        CSV cells), optional: the label
+                                                                        set of ``task=label``
 id         ``id``, ``ID``                                               string or int; default
                                                                         ``<file-stem>:<index>``
 =========  ==========================================================  =================================
@@ -53,6 +56,7 @@ from typing import Any, NamedTuple, Sequence
 
 # The generator and the shared types live in their own modules; their names stay importable from here.
 from .arith import ARITH_LEVELS, ARITH_USAGE, Made, generate_arith, parse_arith_spec  # noqa: F401
+from .answers import DEFAULT_LABELS
 from .example import DataError, Example
 from .images import parse_image_field
 from .shapes import SHAPES_USAGE, generate_shapes, parse_shapes_spec  # noqa: F401
@@ -64,12 +68,16 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 CHOICE_INSTRUCTION = "Please reason step by step, and put the letter of your final answer within \\boxed{}."
 """Appended to every multiple-choice question, after the lettered options."""
 
+LABEL_INSTRUCTION = "Please reason step by step, and put your final answer, one of: {labels}, within \\boxed{{}}."
+"""Appended to every label question (``task=label``), naming its labels (yes, no, maybe by default)."""
+
 OPTION_LETTERS = "ABCDEFGHIJ"
 """Letters for at most ten options; a ``choices`` list longer than this is rejected."""
 
 PROMPT_FIELDS = ("prompt", "question", "problem", "input", "Question")
 ANSWER_FIELDS = ("answer", "target", "Answer")
 CHOICES_FIELD = "choices"
+LABELS_FIELD = "labels"
 ID_FIELDS = ("id", "ID")
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv")
@@ -133,22 +141,34 @@ def load_examples(spec: str) -> list[Example]:
 
 
 def resolve_task(examples: Sequence[Example], task: str = "auto") -> str:
-    """Return ``"math"`` or ``"choice"``.
+    """Return ``"math"``, ``"choice"`` or ``"label"``.
 
-    ``math``/``choice`` pass through. ``auto`` picks ``choice`` when any example has ``choices``, or when
-    at least one example is labelled and every label is a single letter A-J (GPQA-style files list the
-    options inside the prompt and must vote on letters, not on the numbers in the options); else ``math``.
+    ``math``/``choice``/``label`` pass through. ``auto`` picks ``choice`` when any example has ``choices``;
+    ``label`` when any has ``labels``; ``choice`` when at least one example is labelled and every answer
+    is a single letter A-J (GPQA-style files list the options inside the prompt and must vote on letters,
+    not on the numbers in the options); ``label`` when every answer is yes, no or maybe (any case);
+    else ``math``. For ``label``, an answer outside its question's labels (yes / no / maybe without a
+    ``labels`` column) raises DataError: it could never be matched.
     """
     if task in ("math", "choice"):
         return task
-    if task != "auto":
-        raise ValueError(f"task must be 'math', 'choice' or 'auto', got {task!r}")
-    if any(ex.choices for ex in examples):
-        return "choice"
-    labels = [ex.answer for ex in examples if ex.answer is not None]
-    if labels and all(len(a) == 1 and a in OPTION_LETTERS for a in labels):
-        return "choice"
-    return "math"
+    if task not in ("label", "auto"):
+        raise ValueError(f"task must be 'math', 'choice', 'label' or 'auto', got {task!r}")
+    answers = [ex.answer for ex in examples if ex.answer is not None]
+    if task == "auto":
+        if any(ex.choices for ex in examples):
+            return "choice"
+        if not any(ex.labels for ex in examples):
+            if answers and all(len(a) == 1 and a in OPTION_LETTERS for a in answers):
+                return "choice"
+            if not answers or not all(a.strip().lower() in DEFAULT_LABELS for a in answers):
+                return "math"
+    for ex in examples:
+        labels = ex.labels or DEFAULT_LABELS
+        if ex.answer is not None and ex.answer.strip().lower() not in {x.strip().lower() for x in labels}:
+            raise DataError(f"example {ex.id!r}: answer {ex.answer!r} is not one of its labels ({', '.join(labels)}); "
+                            f"task=label needs the answers among the labels (a 'labels' column sets them)")
+    return "label"
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -156,6 +176,7 @@ def build_messages(example: Example, task: str, system_prompt: str | None = None
     """Chat messages for one example: an optional system message, then one user message.
 
     math:   ``<question>\\n<MATH_INSTRUCTION>``
+    label:  ``<question>\\n<LABEL_INSTRUCTION>`` naming the example's labels (yes, no, maybe by default)
     choice: ``<question>\\n\\nA) ...\\nB) ...\\n\\n<CHOICE_INSTRUCTION>``; the options are added only when
             the example has ``choices`` and the prompt does not already list them as lines starting
             ``A)``, ``A.``, ``A:`` or ``(A)`` for every option letter.
@@ -168,8 +189,10 @@ def build_messages(example: Example, task: str, system_prompt: str | None = None
             parts.append("\n".join(f"{OPTION_LETTERS[i]}) {c}" for i, c in enumerate(example.choices)))
         parts.append(CHOICE_INSTRUCTION)
         content = "\n\n".join(parts)
+    elif task == "label":
+        content = f"{example.prompt}\n{LABEL_INSTRUCTION.format(labels=', '.join(example.labels or DEFAULT_LABELS))}"
     else:
-        raise ValueError(f"task must be 'math' or 'choice' (resolve 'auto' first), got {task!r}")
+        raise ValueError(f"task must be 'math', 'choice' or 'label' (resolve 'auto' first), got {task!r}")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": content})
     return messages
@@ -387,6 +410,12 @@ def _example_from_record(record: Any, where: str, default_id: str) -> Example:
     raw_choices = record.get(CHOICES_FIELD)
     if raw_choices is not None and not (isinstance(raw_choices, str) and not raw_choices.strip()):
         choices = _parse_choices(raw_choices, where)
+    labels = None
+    raw_labels = record.get(LABELS_FIELD)
+    if raw_labels is not None and not (isinstance(raw_labels, str) and not raw_labels.strip()):
+        if choices:
+            raise DataError(f"{where}: fields 'choices' and 'labels': a question has options or labels, not both")
+        labels = _parse_labels(raw_labels, where)
 
     answer = None
     answer_field = next((f for f in ANSWER_FIELDS if f in record), None)
@@ -409,7 +438,10 @@ def _example_from_record(record: Any, where: str, default_id: str) -> Example:
             raise DataError(f"{where}: field '{id_field}': expected a string or integer, got {_type_name(raw_id)}")
         if str(raw_id).strip():
             example_id = str(raw_id).strip()
-    return Example(prompt=prompt, answer=answer, choices=choices, id=example_id)
+    if labels and answer is not None and answer.strip().lower() not in {x.lower() for x in labels}:
+        raise DataError(f"{where}: field '{answer_field}': answer {answer!r} is not one of the labels "
+                        f"({', '.join(labels)})")
+    return Example(prompt=prompt, answer=answer, choices=choices, id=example_id, labels=labels)
 
 
 def _expect_str(value: Any, where: str, field: str) -> str:
@@ -461,6 +493,28 @@ def _parse_choices(value: Any, where: str) -> tuple[str, ...]:
             raise DataError(f"{where}: field 'choices': item {i}: expected a string, got {_type_name(c)}")
         out.append(c if isinstance(c, str) else str(c))
     return tuple(out)
+
+
+def _parse_labels(value: Any, where: str) -> tuple[str, ...]:
+    """A ``labels`` field: a non-empty list of distinct (case-insensitively) non-empty strings,
+    JSON-encoded in CSV cells; returned stripped, as written."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise DataError(f"{where}: field 'labels': expected a JSON list of strings, got {_short(value)}") from None
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{where}: field 'labels': expected a list of strings, got {_type_name(value)}")
+    if not value:
+        raise DataError(f"{where}: field 'labels': empty list")
+    seen: dict[str, int] = {}
+    for i, label in enumerate(value):
+        if not isinstance(label, str) or not label.strip():
+            raise DataError(f"{where}: field 'labels': item {i}: expected a non-empty string, got {_short(label)}")
+        if label.strip().lower() in seen:
+            raise DataError(f"{where}: field 'labels': item {i}: {label!r} repeats item {seen[label.strip().lower()]}")
+        seen[label.strip().lower()] = i
+    return tuple(label.strip() for label in value)
 
 
 def _type_name(value: Any) -> str:

@@ -22,6 +22,7 @@ class Example:
     answer: str | None = None
     choices: tuple[str, ...] | None = None
     id: str = ""
+    labels: tuple[str, ...] | None = None  # task "label": the question's label set (None = yes / no / maybe)
     images: tuple = ()  # checked image sources (absolute path strings or PNG/JPEG bytes), see spine_ttrl.images
 
 

@@ -36,10 +36,12 @@ from .engine import SamplingParams
 from .engine.builtin import check_sampler, load_builtin_engine
 from .engine.precision import autocast_dtype_for, bf16_supported, resolve_device  # noqa: F401 (autocast_dtype_for, bf16_supported: re-exported)
 from .engine.scoring import batch_to_device, build_training_batch, micro_batches, score_batch, score_completions  # noqa: F401
-from .losses import group_advantages
+from .embeddings import check_embedder, load_embedder
+from .engine.tree import TreeSampler
+from .losses import ADVANTAGE_NORMS
 from .prompting import encode_examples
 from .report import collapse_warnings, read_jsonl, write_report
-from .rewards import REWARDS
+from .rewards import EMBEDDING_REWARDS, REWARDS
 from .rundir import (Logger, TrainState, append_jsonl, finish_step, format_eval, last_eval, next_questions,
                      prepare_run_dir, save_final_model, summary_line)
 from .update import lr_lambda, make_optimizer, update_on_batch
@@ -90,6 +92,8 @@ def adapt(config: Config) -> RunResult:
     task = resolve_task(examples, cfg.data.task)
     # A missing GPU or vLLM fails here, before anything is written.
     check_sampler(cfg.sampling.sampler, resolve_device(cfg.model.device))
+    if cfg.spine.reward in EMBEDDING_REWARDS:  # and so does a missing sentence-embedding model
+        check_embedder()
     out_dir, checkpoints = prepare_run_dir(cfg)
     eng = load_builtin_engine(cfg.model, need_reference=cfg.spine.kl_coef > 0 and o.steps > 0,
                               sampling_cfg=cfg.sampling, seed=run.seed)
@@ -164,19 +168,18 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
     t0 = time.perf_counter()
     params = SamplingParams(num_samples=s.num_votes, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                             top_p=s.top_p, batch_size=s.sample_batch_size, return_entropy=True)
+    sampler = TreeSampler(eng.sampler, *s.tree_shape()) if s.rollout == "tree" else eng.sampler
     with log.bar(f"step {step}: sampling", unit="tok") as bar:
-        roll = eng.sampler.generate([qs.prompt_ids[q] for q in q_idx], params, generator=state.sampling_gen,
-                                    progress=bar)
+        roll = sampler.generate([qs.prompt_ids[q] for q in q_idx], params, generator=state.sampling_gen, progress=bar)
     m["time/sampling_s"] = time.perf_counter() - t0
-    lengths = roll.completion_mask.sum(dim=1)
-    m["completion/length_mean"] = lengths.float().mean().item()
-    m["completion/truncated_fraction"] = roll.truncated.float().mean().item()
-    m["completion/sampled_tokens"] = float(lengths.sum())
+    m.update(completion_metrics(roll))
 
     t0 = time.perf_counter()
     G = s.num_train_samples
     votes = vote_and_reward(roll.texts, [qs.examples[q].answer for q in q_idx], num_votes=s.num_votes, num_train=G,
-                            task=qs.task, reward_fn=REWARDS[sp.reward], generator=state.selection_gen)
+                            task=qs.task, reward_fn=REWARDS.get(sp.reward) or EMBEDDING_REWARDS[sp.reward],
+                            generator=state.selection_gen, label_sets=[qs.examples[q].labels for q in q_idx],
+                            embed=load_embedder(str(eng.device)) if sp.reward in EMBEDDING_REWARDS else None)
     append_jsonl(out_dir / "samples.jsonl", {
         "step": step, "completion_ids_sha256": hashlib.sha256(roll.completion_ids.numpy().tobytes()).hexdigest(),
         "questions": [{"id": qs.examples[q].id, "answers": votes.answers[j * s.num_votes:(j + 1) * s.num_votes],
@@ -187,7 +190,7 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
         finish_step(m, t_step, out_dir / "metrics.jsonl", log)
         return m
 
-    advantages = group_advantages(torch.tensor(votes.rewards), G)
+    advantages = ADVANTAGE_NORMS[sp.advantage_norm](torch.tensor(votes.rewards), G)
     m["reward/nonzero_advantage_fraction"] = (advantages.abs() > 0).float().mean().item()
     rows = votes.keep_rows
     batch = build_training_batch([qs.prompt_ids[q_idx[r // s.num_votes]] for r in rows],
@@ -209,8 +212,10 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
         m["time/reference_s"] = time.perf_counter() - t0
     upd = update_on_batch(eng.model, state.optimizer, batch, advantages, sp, o, temperature=s.temperature,
                           group_size=G, amp=eng.autocast_dtype, ref_logp=ref_logp,
-                          behaviour_entropy=behaviour_entropy, band_anchor=state.band_anchor, log=log)
+                          behaviour_entropy=behaviour_entropy, band_anchor=state.band_anchor,
+                          entropy_reg_state=state.entropy_reg, log=log)
     m.update(upd.metrics)
+    state.entropy_reg = upd.entropy_reg_state
     anchor = upd.selection.anchor
     if sp.band_anchor == "first" and state.band_anchor is None and anchor is not None and math.isfinite(anchor[0]):
         state.band_anchor = anchor
@@ -222,6 +227,18 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
     if eng.device.type == "cuda":
         m["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated(eng.device) / 2**30
     finish_step(m, t_step, out_dir / "metrics.jsonl", log)
+    return m
+
+
+def completion_metrics(roll) -> dict[str, float]:
+    """``completion/*`` of the step's votes; with a tree rollout also the decoded tokens over those
+    of flat sampling of the same leaves (docs/metrics.md)."""
+    lengths = roll.completion_mask.sum(dim=1)
+    m = {"completion/length_mean": lengths.float().mean().item(),
+         "completion/truncated_fraction": roll.truncated.float().mean().item(),
+         "completion/sampled_tokens": float(lengths.sum() if roll.sampled_tokens is None else roll.sampled_tokens)}
+    if roll.sampled_tokens is not None:
+        m["completion/tree_token_ratio"] = roll.sampled_tokens / max(int(lengths.sum()), 1)
     return m
 
 

@@ -77,7 +77,8 @@ def prepare_run_dir(cfg, find_checkpoints=None) -> tuple[Path, list[Path]]:
 @dataclass
 class TrainState:
     """Everything a resumed run needs besides the model: optimiser, schedule, random streams,
-    the questions still to visit in this epoch, the warnings already logged, the band anchor."""
+    the questions still to visit in this epoch, the warnings already logged, the band anchor and
+    the entropy regulariser's state."""
 
     optimizer: torch.optim.Optimizer | None
     scheduler: object
@@ -87,6 +88,7 @@ class TrainState:
     step: int = 0
     warned: set[str] = field(default_factory=set)
     band_anchor: tuple[float, float] | None = None
+    entropy_reg: dict = field(default_factory=dict)  # the entropy regulariser's anchor or coefficient
 
     def save(self, model, out_dir: Path, keep: int) -> None:
         """Checkpoint the state at ``self.step`` with the JSONL line counts it belongs to."""
@@ -95,7 +97,8 @@ class TrainState:
             "scheduler": self.scheduler.state_dict(), "sampling_rng": self.sampling_gen.get_state(),
             "selection_rng": self.selection_gen.get_state(), "order": list(self.order), "step": self.step,
             "lines": {n: count_lines(out_dir / n) for n in LOG_FILES}, "warned": sorted(self.warned),
-            "band_anchor": list(self.band_anchor) if self.band_anchor else None}, keep=keep)
+            "band_anchor": list(self.band_anchor) if self.band_anchor else None,
+            "entropy_reg": dict(self.entropy_reg)}, keep=keep)
 
     def restore(self, model, checkpoint: Path, out_dir: Path) -> None:
         """Load a checkpoint into the model and this state; cut the JSONL files back to it."""
@@ -110,6 +113,7 @@ class TrainState:
             truncate_lines(out_dir / name, n)
         self.warned = set(state.get("warned", []))
         self.band_anchor = tuple(state["band_anchor"]) if state.get("band_anchor") else None
+        self.entropy_reg = dict(state.get("entropy_reg", {}))
 
 
 def next_questions(state: TrainState, n: int, num_examples: int) -> list[int]:

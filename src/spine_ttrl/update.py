@@ -14,6 +14,13 @@ The order (SPINE v1, eq. 1–4 of ``docs/algorithm.md``):
    micro-batches gives the full-batch gradient.
 3. **Step**: gradient clipping and AdamW; a non-finite loss or gradient skips the update.
 
+The neighbours' switches act here too, once per batch from the behaviour policy before the first
+micro-batch: the selection signal (``selection_signal`` → :data:`spine_ttrl.tokens.SELECTION_SIGNALS`),
+the advantage shaping (``advantage_shaping`` → :data:`spine_ttrl.losses.ADVANTAGE_SHAPINGS`), the
+token weights of the policy term (``token_weights`` → :data:`spine_ttrl.losses.TOKEN_WEIGHTS`) and
+the entropy regulariser's mask or coefficient (``entropy_reg``); its state (SIREN's anchor,
+Skywork-OR1's coefficient) is carried from batch to batch in ``UpdateResult.entropy_reg_state``.
+
 Under AdamW a constant factor on the gradient does not change the step (the update divides by
 the gradient's running RMS): the learning rate, not the share of selected tokens, sets how far
 one update moves the weights.
@@ -23,14 +30,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .engine.models import output_head
 from .engine.precision import autocast_context
 from .engine.scoring import micro_batches, pad_cols, score_batch, score_completions
-from .losses import BANDS, band_penalty, kl_penalty, policy_loss, pooled_band_edges
+from .losses import (ADVANTAGE_SHAPINGS, BANDS, TOKEN_WEIGHTS, adaptive_entropy_coef, anchored_entropy_penalty,
+                     band_penalty, entropy_bonus, kl_penalty, policy_loss, pooled_band_edges, quantile_linear,
+                     response_mean_entropy)
 from .selection import select_tokens
+from .tokens import SELECTION_SIGNALS, nucleus_entropy
 
 
 @dataclass
@@ -47,6 +58,7 @@ class Selection:
     high: torch.Tensor | None
     entropies: torch.Tensor
     anchor: tuple[float, float] | None = None
+    signal: torch.Tensor | None = None  # (B, T) what was ranked, when not the entropies (window)
 
     def metrics(self, token_mask: torch.Tensor) -> dict[str, float]:
         """Entropy at forking vs other tokens, selected fraction, share of forks below/above band."""
@@ -67,19 +79,25 @@ class Selection:
             out["band/high_mean"] = self.high[has_band].mean().item() if has_band.any() else nan
         if self.anchor is not None:
             out["band/anchor_low"], out["band/anchor_high"] = self.anchor
+        if self.signal is not None:
+            out["selection/signal_forking_mean"] = self.signal[fork].mean().item() if fork.any() else nan
         return out
 
 
-def select_forks(entropies, token_mask, sp, group_size: int, band_anchor=None) -> Selection:
+def select_forks(entropies, token_mask, sp, group_size: int, band_anchor=None, signal=None) -> Selection:
     """The :class:`Selection` for behaviour ``entropies`` (B, T) under SpineConfig ``sp``.
+
+    ``signal`` (B, T), if given, is what the selection rule ranks instead of the entropies
+    (ARES's window entropy); the band is always over the forking tokens' own entropies.
 
     With ``sp.band_anchor == "first"`` every response gets the same edges: ``band_anchor``
     (low, high) if given, else the band pooled over this batch's forking tokens
     (:func:`~spine_ttrl.losses.pooled_band_edges`), returned in ``Selection.anchor``.
     """
-    fork = select_tokens(sp.selection, entropies, token_mask, rho=sp.rho, scope=sp.scope, group_size=group_size)
+    fork = select_tokens(sp.selection, entropies if signal is None else signal, token_mask, rho=sp.rho, scope=sp.scope,
+                         group_size=group_size)
     if sp.band == "none":
-        return Selection(fork, None, None, entropies)
+        return Selection(fork, None, None, entropies, signal=signal)
     if sp.band_anchor == "first":
         lo, hi = band_anchor if band_anchor is not None else pooled_band_edges(
             entropies, fork, sp.band, sp.band_low_q, sp.band_high_q)
@@ -87,22 +105,31 @@ def select_forks(entropies, token_mask, sp, group_size: int, band_anchor=None) -
         nan = torch.full((fork.shape[0],), float("nan"), device=fork.device)
         lo_t, hi_t = torch.tensor(lo, device=fork.device), torch.tensor(hi, device=fork.device)
         return Selection(fork, torch.where(has, lo_t, nan), torch.where(has, hi_t, nan),
-                         entropies, (lo, hi))
+                         entropies, (lo, hi), signal)
     low, high = BANDS[sp.band](entropies, fork, sp.band_low_q, sp.band_high_q)
-    return Selection(fork, low, high, entropies)
+    return Selection(fork, low, high, entropies, signal=signal)
+
+
+def _select(entropies, token_mask, sp, group_size: int, band_anchor) -> Selection:
+    """:func:`select_forks` ranking ``SELECTION_SIGNALS[sp.selection_signal]`` of the entropies."""
+    signal = None
+    if sp.selection_signal != "token":
+        signal = SELECTION_SIGNALS[sp.selection_signal](entropies, token_mask, sp.window_size)
+    return select_forks(entropies, token_mask, sp, group_size, band_anchor, signal)
 
 
 def microbatch_loss(logp, ent, rows, *, old_logp, advantages, sel: Selection, token_mask, ref_logp, sp, clip_eps,
-                    n_tokens: int):
+                    n_tokens: int, weights=None):
     """SPINE's loss on micro-batch ``rows`` (its share of the batch loss; see the module docstring).
 
     ``logp``, ``ent`` (B_mb, T) with gradient; ``old_logp``, ``ref_logp`` (B, T) no grad;
-    ``advantages`` (B,). Returns ``(loss, parts)``: ``parts`` holds the terms ``policy``, ``band``,
+    ``advantages`` (B,); ``weights`` (B, T) per-token weights of the policy term or None. Returns ``(loss, parts)``: ``parts`` holds the terms ``policy``, ``band``,
     ``kl`` (unweighted; the loss adds ``kl_coef`` × kl) and the policy stats ``clip_fraction``,
     ``approx_kl`` (detached).
     """
     fork_mb = sel.fork_mask[rows]
-    loss_pl, stats = policy_loss(logp, old_logp[rows], advantages[rows], fork_mb, clip_eps, n_tokens)
+    loss_pl, stats = policy_loss(logp, old_logp[rows], advantages[rows], fork_mb, clip_eps, n_tokens,
+                                 weights=None if weights is None else weights[rows])
     loss = loss_pl
     loss_band = torch.zeros((), device=logp.device)
     if sel.low is not None:
@@ -118,33 +145,41 @@ def microbatch_loss(logp, ent, rows, *, old_logp, advantages, sel: Selection, to
 
 @dataclass
 class UpdateResult:
-    """What one optimiser batch returns: its :class:`Selection` and its metrics."""
+    """What one optimiser batch returns: its :class:`Selection`, its metrics, and the entropy
+    regulariser's state to pass to the next batch (``anchor`` or ``coef``; empty without one)."""
 
     selection: Selection
     metrics: dict[str, float]
+    entropy_reg_state: dict = field(default_factory=dict)
 
 
 def _behaviour(model, batch, sp, o, *, temperature, group_size, amp, behaviour_entropy, band_anchor):
-    """Old log-probs and the Selection before the first update, or (None, None) when the first
-    gradient pass itself provides them (one micro-batch, one update, no sampler entropies)."""
+    """Old log-probs, the Selection before the first update, and whether the first gradient pass
+    fills the old log-probs; (None, None, False) when the first gradient pass itself provides both
+    (one micro-batch, one update, no sampler entropies). Token weights (STEER) need the whole
+    batch's old log-probs before the first micro-batch: then they are scored here."""
     token_mask = batch[4]
+    score = lambda: score_batch(model, batch, o.micro_batch_size, temperature=temperature,  # noqa: E731
+                                chunk_size=o.logit_chunk_size, amp=amp)
     if behaviour_entropy is not None:
         if behaviour_entropy.shape != token_mask.shape:
             raise ValueError(f"behaviour_entropy has shape {tuple(behaviour_entropy.shape)}, "
                              f"expected {tuple(token_mask.shape)}")
         ent = behaviour_entropy.float().masked_fill(~token_mask, 0.0)
+        sel = _select(ent, token_mask, sp, group_size, band_anchor)
+        if sp.token_weights != "none":
+            return score()[0], sel, False
         # old log-probs: filled by the first update's gradient pass (sampling weights, ratio 1)
-        return (torch.zeros(token_mask.shape, device=token_mask.device),
-                select_forks(ent, token_mask, sp, group_size, band_anchor))
+        return torch.zeros(token_mask.shape, device=token_mask.device), sel, True
     if len(micro_batches(token_mask.shape[0], o.micro_batch_size)) == 1 and o.updates_per_batch == 1:
-        return None, None
-    old_logp, ent = score_batch(model, batch, o.micro_batch_size, temperature=temperature,
-                                chunk_size=o.logit_chunk_size, amp=amp)
-    return old_logp, select_forks(ent, token_mask, sp, group_size, band_anchor)
+        return None, None, False
+    old_logp, ent = score()
+    return old_logp, _select(ent, token_mask, sp, group_size, band_anchor), False
 
 
 def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: float, group_size: int, amp=None,
-                    ref_logp=None, behaviour_entropy=None, band_anchor=None, log=None) -> UpdateResult:
+                    ref_logp=None, behaviour_entropy=None, band_anchor=None, entropy_reg_state=None,
+                    log=None) -> UpdateResult:
     """Select forking tokens and run ``o.updates_per_batch`` optimiser updates on one batch.
 
     ``batch``: :func:`~spine_ttrl.engine.scoring.build_training_batch`'s tuple; ``advantages``
@@ -154,13 +189,14 @@ def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: 
     weights), else one no-grad scoring pass — skipped when one micro-batch and one update let
     the gradient pass provide them. ``ref_logp`` (B, T): the frozen model's log-probs (KL on).
     With ``o.diagnostics`` the update-size and per-term gradient metrics are added.
+    ``entropy_reg_state``: the previous batch's ``UpdateResult.entropy_reg_state`` (None at first).
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
     t0 = time.perf_counter()
-    old_logp, sel = _behaviour(model, batch, sp, o, temperature=temperature, group_size=group_size, amp=amp,
-                               behaviour_entropy=behaviour_entropy, band_anchor=band_anchor)
+    old_logp, sel, fill_old = _behaviour(model, batch, sp, o, temperature=temperature, group_size=group_size, amp=amp,
+                                         behaviour_entropy=behaviour_entropy, band_anchor=band_anchor)
     run = _GradientPass(model, batch, advantages, sp, o, temperature, group_size, amp, ref_logp, band_anchor,
-                        old_logp, sel, fill_old=behaviour_entropy is not None)
+                        old_logp, sel, fill_old=fill_old, reg_state=entropy_reg_state)
     m: dict[str, float] = {"time/scoring_s": time.perf_counter() - t0}
     before = [p.detach().clone() for p in params] if o.diagnostics else None
     grad_norm, t_fb, t_opt = float("nan"), 0.0, 0.0
@@ -185,19 +221,21 @@ def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: 
         m.update(run.term_grad_norms())
         m.update(_update_size(model, batch, run.old_logp, params, before, o, temperature, amp))
     m.update(run.sel.metrics(batch[4]))
-    return UpdateResult(run.sel, m)
+    m.update(run.neighbour_metrics())
+    return UpdateResult(run.sel, m, run.reg_state)
 
 
 class _GradientPass:
     """The gradient passes of one optimiser batch: micro-batch by micro-batch, loss and backward.
 
-    Holds what the passes share (the batch, the Selection, the behaviour log-probs once known)
-    and what they accumulate (loss terms of the last update for logging, per-term gradients
-    with ``diagnostics``).
+    Holds what the passes share (the batch, the Selection, the behaviour log-probs once known,
+    the neighbours' per-batch constants: shaped advantages, token weights, the entropy
+    regulariser's mask or coefficient) and what they accumulate (loss terms of the last update
+    for logging, per-term gradients with ``diagnostics``).
     """
 
     def __init__(self, model, batch, advantages, sp, o, temperature, group_size, amp, ref_logp, band_anchor,
-                 old_logp, sel, *, fill_old: bool):
+                 old_logp, sel, *, fill_old: bool, reg_state: dict | None = None):
         self.model, self.batch, self.advantages, self.sp, self.o = model, batch, advantages, sp, o
         self.temperature, self.group_size, self.amp, self.ref_logp = temperature, group_size, amp, ref_logp
         self.band_anchor, self.old_logp, self.sel, self.fill_old = band_anchor, old_logp, sel, fill_old
@@ -205,8 +243,77 @@ class _GradientPass:
         self.n_tokens = int(self.token_mask.sum())
         self.agg = dict.fromkeys(("loss/policy", "loss/band", "loss/kl", "policy/clip_fraction",
                                   "policy/approx_kl"), 0.0)
+        if sp.entropy_reg != "none":
+            self.agg["loss/entropy_reg"] = 0.0
         self.stats: dict[str, int] = {}
         self.term_grads: dict[str, list[torch.Tensor]] = {}
+        self.reg_state, self.extra = dict(reg_state or {}), {}
+        self.weights, self.prepared, self.nucleus = None, False, [0.0, 0]
+
+    def _prepare(self) -> None:
+        """Once the Selection is known, for the whole batch from the behaviour policy: shape the
+        advantages (EAR), weigh the selected tokens (STEER), fix the entropy regulariser's mask
+        (SIREN: positions above the batch's entropy quantile) or its coefficient (Skywork-OR1)."""
+        sp, sel, mask, nan = self.sp, self.sel, self.token_mask, float("nan")
+        self.prepared = True
+        if sp.advantage_shaping != "none":
+            shape, h = ADVANTAGE_SHAPINGS[sp.advantage_shaping], response_mean_entropy(sel.entropies, mask)
+            factor = shape(torch.ones_like(self.advantages), h, self.group_size)  # A'/A of every response
+            self.extra.update({"advantage/shaping_factor_min": factor.min().item(),
+                               "advantage/shaping_factor_max": factor.max().item()})
+            self.advantages = shape(self.advantages, h, self.group_size)
+        self.weights = TOKEN_WEIGHTS[sp.token_weights](self.old_logp, self.old_logp, sel.entropies, self.advantages,
+                                                        sel.fork_mask)
+        if self.weights is not None:
+            w = self.weights[sel.fork_mask]
+            self.extra.update({"policy/token_weight_min": w.min().item() if w.numel() else nan,
+                               "policy/token_weight_max": w.max().item() if w.numel() else nan})
+        if sp.entropy_reg == "anchored":
+            cut = quantile_linear(sel.entropies.reshape(1, -1), mask.reshape(1, -1), sp.entropy_reg_quantile)[0]
+            self.reg_mask = mask & (sel.entropies > cut)
+            self.reg_count = int(self.reg_mask.sum())
+        elif sp.entropy_reg == "adaptive":
+            e = sel.entropies[mask].mean().item() if mask.any() else nan
+            self.reg_state["coef"] = adaptive_entropy_coef(self.reg_state.get("coef", sp.entropy_reg_coef), e,
+                                                           sp.entropy_target, sp.entropy_coef_delta, sp.entropy_coef_max)
+            # Skywork-OR1 (and TRL's use_adaptive_entropy): the bonus acts only at or below the target
+            self.reg_coef = self.reg_state["coef"] if e <= sp.entropy_target else 0.0
+
+    def _entropy_reg(self, hidden: list, en, rows, epoch: int) -> torch.Tensor:
+        """This micro-batch's share of the entropy regulariser (0-d, with gradient).
+
+        adaptive: :func:`entropy_bonus` over all completion tokens / the batch's completion tokens.
+        anchored: coef x Σ (H_nucleus − anchor)² over the micro-batch's masked positions / the
+        batch's masked count (so micro-batches add up to the batch's mean); H_nucleus from the
+        logits of those positions only. The first update measures the anchor (its mean over the
+        masked positions) and adds no penalty: the policy then *is* the anchor policy.
+        """
+        sp = self.sp
+        if sp.entropy_reg == "adaptive":
+            return entropy_bonus(en, self.token_mask[rows], self.reg_coef, self.n_tokens)
+        h = hidden[0]
+        m = self.reg_mask[rows][:, :h.shape[1]]
+        weight, bias = output_head(self.model)
+        hn = nucleus_entropy(torch.nn.functional.linear(h[m], weight, bias), sp.entropy_reg_top_p, self.temperature,
+                             chunk_size=self.o.logit_chunk_size).float()
+        self.nucleus[0] += float(hn.detach().sum())
+        self.nucleus[1] += hn.numel()
+        anchor = self.reg_state.get("anchor")
+        if anchor is None or not hn.numel():
+            return torch.zeros((), device=en.device)
+        per_row = anchored_entropy_penalty(hn.unsqueeze(0), anchor, torch.ones_like(hn, dtype=torch.bool).unsqueeze(0))
+        return sp.entropy_reg_coef * per_row * (hn.numel() / max(self.reg_count, 1))
+
+    def neighbour_metrics(self) -> dict[str, float]:
+        """The neighbours' metrics of this batch (advantage shaping, token weights, entropy regulariser)."""
+        out, sp = dict(self.extra), self.sp
+        if sp.entropy_reg == "anchored":
+            out["entropy_reg/masked_fraction"] = self.reg_count / max(self.n_tokens, 1)
+            out["entropy_reg/nucleus_mean"] = self.nucleus[0] / self.nucleus[1] if self.nucleus[1] else float("nan")
+            out["entropy_reg/anchor"] = self.reg_state.get("anchor", float("nan"))
+        elif sp.entropy_reg == "adaptive":
+            out["entropy_reg/coef"], out["entropy_reg/applied_coef"] = self.reg_state["coef"], self.reg_coef
+        return out
 
     def accumulate_gradients(self, epoch: int, params) -> bool:
         """One update's gradient over all micro-batches into ``p.grad``; True if the loss was not finite."""
@@ -214,21 +321,30 @@ class _GradientPass:
         last = epoch == self.o.updates_per_batch - 1
         if self.o.diagnostics:
             self.term_grads = {}
+        if self.sel is not None and not self.prepared:
+            self._prepare()
+        self.nucleus = [0.0, 0]
         # One autocast context per update: weights are cast to the low precision once, not per
         # micro-batch (the cast cache is dropped on exit, before the optimiser changes them).
         with autocast_context(self.amp, self.model):
             for rows in micro_batches(B, self.o.micro_batch_size):
+                hidden = [] if self.sp.entropy_reg == "anchored" else None
                 lp, en, _ = score_completions(self.model, self.batch, rows, temperature=self.temperature,
-                                              chunk_size=self.o.logit_chunk_size, stats=self.stats)
+                                              chunk_size=self.o.logit_chunk_size, stats=self.stats, hidden_out=hidden)
                 lp, en = pad_cols(lp.float(), T), pad_cols(en.float(), T)
                 if self.sel is None:  # single pass: this gradient pass is also the behaviour pass
                     self.old_logp = lp.detach()
-                    self.sel = select_forks(en.detach(), self.token_mask, self.sp, self.group_size, self.band_anchor)
+                    self.sel = _select(en.detach(), self.token_mask, self.sp, self.group_size, self.band_anchor)
+                    self._prepare()
                 elif self.fill_old and epoch == 0:
                     self.old_logp[rows] = lp.detach()
                 loss, parts = microbatch_loss(lp, en, rows, old_logp=self.old_logp, advantages=self.advantages,
                                               sel=self.sel, token_mask=self.token_mask, ref_logp=self.ref_logp,
-                                              sp=self.sp, clip_eps=self.o.clip_eps, n_tokens=self.n_tokens)
+                                              sp=self.sp, clip_eps=self.o.clip_eps, n_tokens=self.n_tokens,
+                                              weights=self.weights)
+                if self.sp.entropy_reg != "none":
+                    parts["entropy_reg"] = self._entropy_reg(hidden, en, rows, epoch)
+                    loss = loss + parts["entropy_reg"]
                 if not torch.isfinite(loss):
                     return True
                 with autocast_context(self.amp, self.model, enabled=False):  # backward outside autocast, cache kept
@@ -238,12 +354,16 @@ class _GradientPass:
                         loss.backward()
                 if last:
                     _accumulate(self.agg, parts, len(rows) / B)
+        if self.sp.entropy_reg == "anchored" and "anchor" not in self.reg_state and self.nucleus[1]:
+            self.reg_state["anchor"] = self.nucleus[0] / self.nucleus[1]  # SIREN's anchor: the first update's
         return False
 
     def _backward_by_term(self, parts: dict, params) -> None:
         """Backward each loss term separately (policy, band, kl_coef × kl), keep each term's
         gradient, and add their sum to ``p.grad``."""
         terms = {"policy": parts["policy"], "band": parts["band"], "kl": self.sp.kl_coef * parts["kl"]}
+        if "entropy_reg" in parts:
+            terms["entropy_reg"] = parts["entropy_reg"]
         live = {k: t for k, t in terms.items() if t.requires_grad}
         for i, (name, term) in enumerate(live.items()):
             grads = torch.autograd.grad(term, params, retain_graph=i < len(live) - 1, allow_unused=True)
@@ -256,8 +376,8 @@ class _GradientPass:
     def term_grad_norms(self) -> dict[str, float]:
         """``grad/<term>_norm``: the L2 norm of each loss term's gradient (0 for an absent term)."""
         norm = lambda gs: math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs))  # noqa: E731
-        return {f"grad/{k}_norm": norm(self.term_grads[k]) if k in self.term_grads else 0.0
-                for k in ("policy", "band", "kl")}
+        terms = ("policy", "band", "kl") + (("entropy_reg",) if self.sp.entropy_reg != "none" else ())
+        return {f"grad/{k}_norm": norm(self.term_grads[k]) if k in self.term_grads else 0.0 for k in terms}
 
 
 def _update_size(model, batch, old_logp, params, before, o, temperature, amp) -> dict[str, float]:
@@ -280,6 +400,8 @@ def _accumulate(agg: dict, parts: dict, weight: float) -> None:
     agg["loss/kl"] += parts["kl"].item()
     agg["policy/clip_fraction"] += parts["clip_fraction"].item() * weight
     agg["policy/approx_kl"] += parts["approx_kl"].item() * weight
+    if "entropy_reg" in parts:
+        agg["loss/entropy_reg"] += parts["entropy_reg"].item()
 
 
 def _optimizer_step(optimizer, params, max_grad_norm: float, bad: bool) -> tuple[float, bool]:

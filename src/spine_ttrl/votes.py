@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .answers import Vote, extract_answer, is_equivalent, majority_vote
+from .answers import DEFAULT_LABELS, Vote, extract_answer, is_equivalent, majority_vote
 
 
 @dataclass
@@ -51,15 +51,21 @@ class StepVotes:
 
 def vote_and_reward(texts: Sequence[str], labels: Sequence[str | None], *, num_votes: int, num_train: int,
                     task: str, reward_fn: Callable[..., list[float]],
-                    generator: torch.Generator) -> StepVotes:
+                    generator: torch.Generator, label_sets: Sequence[Sequence[str] | None] | None = None,
+                    embed: Callable[[Sequence[str]], object] | None = None) -> StepVotes:
     """Vote over each question's ``num_votes`` completions and keep ``num_train`` of them.
 
     ``texts``: completions, question j's at rows j·N … j·N + N − 1; ``labels``: each question's
     answer or None (diagnostics only); ``reward_fn(answers, task) -> list[float]`` one of
-    :data:`spine_ttrl.rewards.REWARDS`. The kept rows are a uniformly random subset (drawn with
-    ``generator``) chosen before any forward pass, so no compute is spent on dropped votes.
+    :data:`spine_ttrl.rewards.REWARDS`, or, with ``embed`` (texts -> (N, d) embeddings), one of
+    :data:`spine_ttrl.rewards.EMBEDDING_REWARDS`, called as ``reward_fn(answers, embed(texts),
+    task)`` on each voted question's completions. ``label_sets``: each question's labels for
+    ``task="label"`` (None = yes / no / maybe). The kept rows are a uniformly random subset (drawn
+    with ``generator``) chosen before any forward pass, so no compute is spent on dropped votes.
     """
-    out = StepVotes(answers=[extract_answer(t, task) for t in texts])
+    sets = label_sets or [None] * len(labels)
+    out = StepVotes(answers=[extract_answer(t, task, sets[i // num_votes] or DEFAULT_LABELS)
+                             for i, t in enumerate(texts)])
     for j, label in enumerate(labels):
         rows = list(range(j * num_votes, (j + 1) * num_votes))
         ans = [out.answers[r] for r in rows]
@@ -74,7 +80,7 @@ def vote_and_reward(texts: Sequence[str], labels: Sequence[str | None], *, num_v
         if vote.label is None:
             out.skipped += 1
             continue
-        rewards = reward_fn(ans, task)
+        rewards = reward_fn(ans, task) if embed is None else reward_fn(ans, embed([texts[r] for r in rows]), task)
         if truth is not None and all(r in (0.0, 1.0) for r in rewards):
             out.reward_hits.extend(float(r == t) for r, t in zip(rewards, truth))
         pick = torch.randperm(num_votes, generator=generator)[:num_train].sort().values.tolist()

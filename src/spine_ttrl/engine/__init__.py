@@ -33,7 +33,9 @@ class SamplingParams:
     ``num_samples`` completions per prompt, at most ``max_new_tokens`` each; ``temperature`` 0 is
     greedy; ``top_p`` the nucleus mass; ``batch_size`` rows decoded at once (None = all);
     ``return_entropy`` also returns the entropy of softmax(logits / temperature) at each
-    sampled token (the selection signal of the loop).
+    sampled token (the selection signal of the loop). ``max_new_tokens_per_prompt``: an optional
+    smaller budget per prompt (tree rollouts: a prefix's continuation keeps the leaf within
+    ``max_new_tokens``); the built-in sampler honours it, which is why rollout=tree needs it.
     """
 
     num_samples: int
@@ -42,6 +44,7 @@ class SamplingParams:
     top_p: float = 1.0
     batch_size: int | None = None
     return_entropy: bool = False
+    max_new_tokens_per_prompt: tuple[int, ...] | None = None
 
 
 class Sampler(Protocol):
@@ -73,7 +76,8 @@ class BuiltinSampler:
                       top_p=params.top_p, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
                       generator=generator, batch_size=params.batch_size, progress=progress,
                       tokenizer=self.tokenizer, autocast_dtype=self.autocast_dtype,
-                      return_entropy=params.return_entropy)
+                      return_entropy=params.return_entropy,
+                      max_new_tokens_per_prompt=params.max_new_tokens_per_prompt)
 
 
 __all__ = ["BuiltinSampler", "Rollout", "Sampler", "SamplingParams", "sample"]

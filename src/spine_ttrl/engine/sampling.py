@@ -59,6 +59,7 @@ class Rollout:
     texts: list[str] = field(default_factory=list)  # decoded completions (if a tokenizer was given)
     group_size: int = 1  # G: consecutive rows per prompt
     entropies: torch.Tensor | None = None  # (B, T) float32, behaviour-policy entropy per generated token
+    sampled_tokens: int | None = None  # tokens actually decoded, when not the completions' total (tree rollouts)
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -229,6 +230,7 @@ def _sample_chunk(
     pad_token_id: int,
     generator: torch.Generator | None,
     progress: Callable[[int], object] | None,
+    budgets: torch.Tensor | None = None,
     extra_kwargs: dict,
     return_entropy: bool = False,
     prompt_inputs=None,
@@ -278,6 +280,8 @@ def _sample_chunk(
 
         done = torch.isin(tok, eos)
         finished[active[done]] = True
+        if budgets is not None:  # a row at its own token budget stops, truncated (not finished)
+            done = done | (lengths[active] >= budgets[active])
         if t == max_new_tokens - 1 or bool(done.all()):
             break
         if bool(done.any()):
@@ -290,6 +294,13 @@ def _sample_chunk(
         input_ids, position_ids = tok[:, None], (next_pos if offset is None else next_pos + offset)[:, None]
         next_pos = next_pos + 1
     return tokens, lengths, finished, entropies
+
+
+def _row_budgets(per_prompt, num_samples: int, device) -> torch.Tensor | None:
+    """(B,) token budget of every row from one budget per prompt (None: max_new_tokens for all)."""
+    if per_prompt is None:
+        return None
+    return torch.tensor([int(n) for n in per_prompt for _ in range(num_samples)], dtype=torch.long, device=device)
 
 
 def _check_sample_args(prompt_ids, num_samples, max_new_tokens, temperature, top_p, return_entropy) -> None:
@@ -323,6 +334,7 @@ def sample(
     progress: Callable[[int], object] | None = None,
     autocast_dtype: torch.dtype | None = None,
     tokenizer=None,
+    max_new_tokens_per_prompt: list[int] | None = None,
     return_entropy: bool = False,
     prompt_inputs=None,
 ) -> Rollout:
@@ -346,6 +358,9 @@ def sample(
             sampling distribution is always computed in fp32.
         tokenizer: if given, ``Rollout.texts`` holds the decoded completions (special tokens
             skipped).
+        max_new_tokens_per_prompt: optional budget of each prompt's rows (each <= max_new_tokens):
+            a row stops, truncated, when it has generated its prompt's budget (tree rollouts
+            continue prefixes of different lengths in one batch).
         return_entropy: also return ``Rollout.entropies``, the entropy of the sampling
             distribution at every generated token (costs one log-softmax per step). The
             training loop selects forking tokens from these, so it needs no extra scoring pass.
@@ -355,6 +370,7 @@ def sample(
     _check_sample_args(prompt_ids, num_samples, max_new_tokens, temperature, top_p, return_entropy)
     device = device_of(model)
     rows = [list(map(int, p)) for p in prompt_ids for _ in range(num_samples)]
+    budgets = _row_budgets(max_new_tokens_per_prompt, num_samples, device)
     B = len(rows)
     chunk = B if not batch_size else int(batch_size)
     all_prompt_ids, all_prompt_mask = _left_pad(rows, pad_token_id)
@@ -382,6 +398,7 @@ def sample(
                     all_prompt_mask[start:stop, -width:].to(device),
                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos=eos,
                     pad_token_id=pad_token_id, generator=generator, progress=progress,
+                    budgets=None if budgets is None else budgets[start:stop],
                     extra_kwargs=extra_kwargs, return_entropy=return_entropy,
                     prompt_inputs=prompt_inputs, rows=torch.arange(start, stop),
                 )

@@ -103,7 +103,7 @@ def _shared_prompt_hidden(model, batch, rows, first: int, T: int):
 
 
 def score_completions(model, batch, rows, *, temperature: float, chunk_size: int, share_prompts: bool = True,
-                      stats: dict | None = None):
+                      stats: dict | None = None, hidden_out: list | None = None):
     """Log-probs and entropies (B_mb, T) of the completion tokens of ``rows`` of ``batch``.
 
     Uses the final hidden states and the output head through the chunked
@@ -118,7 +118,9 @@ def score_completions(model, batch, rows, *, temperature: float, chunk_size: int
     ``share_prompts=False`` forces the plain pass; so does a model whose cache is not a plain
     full-attention ``DynamicCache`` (sliding windows: found at the first call, remembered for the
     model). ``stats["positions"]``, if given, is increased by the number of sequence positions
-    run through the model.
+    run through the model. ``hidden_out``, if given, receives the final hidden states (B_mb, T, D)
+    that predict the completion tokens, with gradient (for a regulariser on other statistics of
+    the same logits, SIREN's nucleus entropy).
     """
     input_ids, attn, pos, completion, token_mask, P = batch
     # Drop the columns that are padding in every row of this micro-batch.
@@ -138,6 +140,8 @@ def score_completions(model, batch, rows, *, temperature: float, chunk_size: int
         positions = len(rows) * (P - first + T)
     if stats is not None:
         stats["positions"] = stats.get("positions", 0) + positions
+    if hidden_out is not None:
+        hidden_out.append(h)
     logp, ent = logprobs_and_entropy(h, weight, completion[rows, :T], chunk_size=chunk_size,
                                      temperature=temperature, lm_head_bias=bias)
     return logp, ent, T
