@@ -3,7 +3,7 @@
 # (bash scripts/install.sh). One line per check: PASS or FAIL, seconds per step, peak GPU memory.
 # Uses the embedded SmolLM2-135M model (no download). It cannot run on CPU-only machines.
 # Checks: built-in engine on cuda; built-in engine + vLLM sampler; TRL engine + vLLM colocate;
-# TRL engine in 2 processes (2 GPUs). Estimated 1-2 minutes each on one recent GPU (never run: written
+# TRL engine in 2 processes (2 GPUs); Qwen2.5-VL-3B on the built-in engine (weights needed locally). Estimated 1-2 minutes each on one recent GPU (never run: written
 # on machines without a GPU).
 #
 #   bash scripts/gpu_check.sh
@@ -73,6 +73,18 @@ if [ "$ngpu" -ge 2 ] && "$PY" -c "import trl" 2>/dev/null; then
   report trl-2-processes "$tmp/trl2" $? || { fail=1; tail -5 "$tmp/trl2.log"; }
 else
   echo "SKIP trl-2-processes: needs 2 GPUs and trl (this machine: $ngpu GPU(s))"
+fi
+
+# 5. a vision-language model on the built-in engine: Qwen2.5-VL-3B-Instruct (LoRA, frozen vision tower) on the
+#    built-in shapes: task. Needs the weights locally: $QWEN_VL (a directory), else the Hugging Face cache.
+QWEN_VL=${QWEN_VL:-Qwen/Qwen2.5-VL-3B-Instruct}
+if [ -d "$QWEN_VL" ] || HF_HUB_OFFLINE=1 "$PY" -c "import sys; from transformers import AutoConfig; AutoConfig.from_pretrained(sys.argv[1])" "$QWEN_VL" 2>/dev/null; then
+  HF_HUB_OFFLINE=1 timeout 900 "$PY" -m spine_ttrl adapt --device cuda --model "$QWEN_VL" --data shapes:8 --preset spine \
+    --steps 2 --questions-per-step 4 --num-votes 8 --max-new-tokens 128 --lora-r 16 --lr 1e-4 \
+    --eval-samples 0 --eval-limit 4 --no-progress --out "$tmp/vlm" > "$tmp/vlm.log" 2>&1
+  report qwen2.5-vl-builtin "$tmp/vlm" $? || { fail=1; tail -5 "$tmp/vlm.log"; }
+else
+  echo "SKIP qwen2.5-vl-builtin: weights of $QWEN_VL not found locally (set QWEN_VL=/path/to/Qwen2.5-VL-3B-Instruct)"
 fi
 
 exit $fail

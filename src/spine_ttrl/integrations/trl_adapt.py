@@ -56,6 +56,10 @@ _DROPPED = {"loss", "reward", "reward_std", "step_time", "num_tokens", "total_fl
 def check_trl_config(cfg: Config, num_processes: int = 1) -> None:
     """Refuse, in one line, what the TRL engine cannot do with this configuration."""
     s, o = cfg.sampling, cfg.optim
+    from ..vision import is_image_text_model  # reads the model's config only
+
+    if cfg.data.data.startswith("shapes:") or is_image_text_model(cfg.model.model):
+        raise ValueError("--engine trl does not train vision-language models or image data: use the built-in engine (docs/multimodal.md)")
     rows = o.questions_per_step * s.num_train_samples
     if rows % (o.micro_batch_size * num_processes):
         raise ValueError(
