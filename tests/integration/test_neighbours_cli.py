@@ -135,6 +135,17 @@ def test_entropy_reg_anchored_siren(files, tmp_path):
     assert 0.15 < m1["entropy_reg/masked_fraction"] <= 0.25  # positions above the 0.8 quantile
 
 
+def test_entropy_reg_state_survives_a_resume(files, tmp_path):
+    # SIREN's anchor and the adaptive coefficient are checkpointed: a resumed run continues as the whole one
+    for flags in (["--preset", "siren"], ["--entropy-reg", "adaptive", "--entropy-target", "10"]):
+        whole = adapt(files, tmp_path / "whole", *flags, steps=2)
+        adapt(files, tmp_path / "cut", *flags, "--save-every", "1", steps=1)
+        assert cli.main(["adapt", "--resume", str(tmp_path / "cut"), "--steps", "2", "--no-progress"]) == 0
+        resumed = _jsonl(tmp_path / "cut" / "metrics.jsonl")
+        keys = [k for k in whole[1] if k.startswith(("entropy_reg/", "loss/"))]
+        assert keys and [resumed[1][k] for k in keys] == pytest.approx([whole[1][k] for k in keys])
+
+
 def test_entropy_reg_adaptive(files, tmp_path):
     m = adapt(files, tmp_path / "run", "--entropy-reg", "adaptive", "--entropy-target", "10")[0]
     # entropy <= target: coefficient raised by delta from its start, and applied
@@ -186,7 +197,8 @@ def test_task_label_auto_and_a_labels_column(files, tmp_path, capsys):
 def test_every_logged_metric_is_documented(files, tmp_path):
     doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
     metrics = adapt(files, tmp_path / "a", "--preset", "siren", "--advantage-shaping", "ear", "--token-weights", "steer",
-                    "--selection-signal", "window")
+                    "--selection-signal", "window", "--diagnostics")
+    assert "grad/entropy_reg_norm" in metrics[0]
     metrics += adapt(files, tmp_path / "b", "--preset", "ettrl", "--num-votes", "4", "--entropy-reg", "adaptive")
     names = {k for m in metrics for k in m}
     missing = [k for k in names if f"`{k}`" not in doc and k != "step"]

@@ -64,6 +64,8 @@ class TreeSampler:
         if params.num_samples != self.leaves:
             raise ValueError(f"a tree of {self.samples} x (1 + {self.branch_points} x {self.branches}) has "
                              f"{self.leaves} leaves per question, asked for {params.num_samples}")
+        if any(getattr(p, "pixels", None) for p in prompt_ids):
+            raise ValueError("rollout=tree does not support prompts with images: use rollout=flat")
         M, N, B = self.samples, self.branch_points, self.branches
         full = self.base.generate(prompt_ids, replace(params, num_samples=M, return_entropy=True),
                                   generator=generator, progress=progress)
