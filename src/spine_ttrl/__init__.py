@@ -3,15 +3,18 @@
 The method's math lives in small pure modules (tensors and strings in, tensors and numbers out):
 
 - :mod:`spine_ttrl.answers`   -- answer extraction, equivalence (math-verify), majority vote
-- :mod:`spine_ttrl.rewards`   -- label-free rewards over a question's votes (``REWARDS`` table)
-- :mod:`spine_ttrl.tokens`    -- chunked token log-probs and entropies
+- :mod:`spine_ttrl.rewards`   -- label-free rewards over a question's votes (``REWARDS``, ``EMBEDDING_REWARDS``)
+- :mod:`spine_ttrl.tokens`    -- chunked token log-probs and entropies, window and nucleus entropy
 - :mod:`spine_ttrl.selection` -- forking-token selection (``SELECTIONS`` table)
-- :mod:`spine_ttrl.losses`    -- GRPO advantages, clipped surrogate, entropy band (``BANDS``), KL
+- :mod:`spine_ttrl.losses`    -- GRPO advantages, clipped surrogate, entropy band (``BANDS``), KL,
+  and the neighbours' pieces (``ADVANTAGE_NORMS``, ``ADVANTAGE_SHAPINGS``, ``TOKEN_WEIGHTS``,
+  ``ENTROPY_REGULARIZERS``)
 - :mod:`spine_ttrl.evaluate`  -- pass@k, maj@k and friends
 
 The loop (:mod:`spine_ttrl.loop`) drives an engine (:mod:`spine_ttrl.engine`: model loading,
-sampling, scoring). ``import spine_ttrl`` imports none of them; transformers and PEFT load only
-when a model does.
+sampling, scoring, the tree rollout); :mod:`spine_ttrl.embeddings` is the sentence-embedding
+adapter of the novelty reward. ``import spine_ttrl`` imports none of them; transformers and PEFT
+load only when a model does.
 """
 
 __version__ = "0.1.0"

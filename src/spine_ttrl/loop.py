@@ -3,16 +3,20 @@
 One step, in this order (:func:`adapt` and :func:`train_step`, top to bottom):
 
 1. **Sample** ``num_votes`` completions per question with the engine's sampler, which also
-   returns the entropy of the distribution each token was drawn from (softmax(logits / T)).
+   returns the entropy of the distribution each token was drawn from (softmax(logits / T));
+   with ``--rollout tree`` as ETTRL's entropy-fork tree (:class:`spine_ttrl.engine.tree.TreeSampler`).
 2. **Vote and reward** (:func:`spine_ttrl.votes.vote_and_reward`): extract answers, cluster them
    by equivalence, take the majority as pseudo-label, reward with the configured function
-   (``--reward`` → :data:`spine_ttrl.rewards.REWARDS`). Questions where nothing parsed are
-   skipped. Keep ``num_train_samples`` completions per question — a random subset chosen before
-   any forward pass. GRPO advantages per question group.
+   (``--reward`` → :data:`spine_ttrl.rewards.REWARDS`, or :data:`~spine_ttrl.rewards.EMBEDDING_REWARDS`
+   with the completions' sentence embeddings). Questions where nothing parsed are skipped. Keep
+   ``num_train_samples`` completions per question — a random subset chosen before any forward
+   pass. Advantages per question group, or over the batch (``--advantage-norm`` →
+   :data:`spine_ttrl.losses.ADVANTAGE_NORMS`).
 3. **Update** (:func:`spine_ttrl.update.update_on_batch`): forking tokens and band edges from
    the behaviour entropies of the whole batch, then SPINE's loss (policy term on the selected
-   tokens + entropy band + optional KL to the initial model) micro-batch by micro-batch, and
-   one AdamW step (bf16 autocast with fp32 master weights where bf16 is native).
+   tokens + entropy band + optional KL to the initial model; the neighbours' advantage shaping,
+   token weights and entropy regulariser when switched on) micro-batch by micro-batch, and one
+   AdamW step (bf16 autocast with fp32 master weights where bf16 is native).
 4. **Log** the step to ``metrics.jsonl``, **evaluate** every ``eval_every`` steps, **checkpoint**
    every ``save_every`` steps. After the last step: evaluate, save ``final/``, write the report.
 

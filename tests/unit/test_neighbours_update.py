@@ -160,3 +160,26 @@ def _logits(model, batch):
     input_ids, attn, pos, _, mask, P = batch
     T = mask.shape[1]
     return model(input_ids=input_ids, attention_mask=attn.long(), position_ids=pos).logits[:, P - 1:P - 1 + T]
+
+
+@pytest.mark.parametrize("spine, state", [
+    ({"token_weights": "steer"}, None),
+    ({"advantage_shaping": "ear"}, None),
+    ({"entropy_reg": "anchored", "entropy_reg_quantile": 0.6, "entropy_reg_top_p": 0.7}, {"anchor": 1.5}),
+    ({"entropy_reg": "adaptive", "entropy_target": 10.0}, None),
+    ({"selection": "top", "selection_signal": "window", "window_size": 3, "rho": 0.3}, None),
+])
+@pytest.mark.parametrize("mb", [8, 3])
+def test_without_sampler_entropies_the_update_is_the_same(setup, spine, state, mb):
+    # vLLM returns no entropies: one micro-batch -> the gradient pass is the behaviour pass; several ->
+    # a no-grad scoring pass first. Either way the same update as with the sampler's entropies.
+    model, batch, adv, ent = setup
+    cfg = _config("ttrl", **spine)
+    want = _step(model, batch, adv, ent, cfg, entropy_reg_state=state)[0]
+    m = copy.deepcopy(model)
+    before = [p.detach().clone() for p in m.parameters()]
+    o = cfg.optim
+    o.micro_batch_size, o.max_grad_norm, o.logit_chunk_size = mb, 0.0, 64
+    update_on_batch(m, torch.optim.SGD(m.parameters(), lr=1.0), batch, adv, cfg.spine, o, temperature=1.0,
+                    group_size=G, entropy_reg_state=state)
+    _close([p.detach() - b for p, b in zip(m.parameters(), before)], want)
