@@ -61,7 +61,16 @@ logs = [h for h in trainer.state.log_history if "loss" in h]
 result = {"rank": trainer.accelerator.process_index, "world": trainer.accelerator.num_processes,
           "rewards": checks["rewards"], "selected": checks["selected"], "same_weights": same,
           "metrics": sorted(k for k in logs[0] if "/" in k) if logs else []}
-print("RESULT " + json.dumps(result), flush=True)
+# One file per rank (stdout lines of two processes can interleave), then a clean exit: the process
+# group is torn down before the interpreter, whose shutdown could otherwise abort a gloo thread.
+import os
+from pathlib import Path
+Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+Path(sys.argv[1], f"result-{result['rank']}.json").write_text(json.dumps(result))
+trainer.accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)
 '''
 
 
@@ -84,7 +93,7 @@ def launch(tmp_path: Path, code: str, nproc: int, *args: str) -> subprocess.Comp
 @pytest.mark.slow
 def test_two_cpu_processes(tmp_path):
     proc = launch(tmp_path, WORKER, 2)
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(f.read_text()) for f in sorted((tmp_path / "out").glob("result-*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
         assert r["world"] == 2
