@@ -347,7 +347,10 @@ def _wrap_lora(model, lora: dict):
     kwargs.setdefault("lora_dropout", 0.0)
     kwargs.setdefault("target_modules", "all-linear")
     kwargs.setdefault("task_type", "CAUSAL_LM")
-    with warnings.catch_warnings():
+    # The adapter's random init (LoRA A) is drawn from a fixed seed on a forked RNG: two runs with the
+    # same settings start from the same adapter, and the caller's global RNG is left untouched.
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         # peft probes transformers' deprecated `is_gradient_checkpointing` alias: not ours to act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return peft.get_peft_model(model, peft.LoraConfig(**kwargs))
