@@ -169,3 +169,14 @@ def test_torchrun_two_processes(model_and_data, tmp_path):
     assert metrics[-1]["data/epoch"] == 1.0  # the 2 processes share one step's 2 questions, not 2 each
     assert [e["tag"] for e in _jsonl(out / "eval.jsonl")] == ["before", "after"]
     assert (out / "final" / "config.json").exists() and (out / "report.md").exists()
+
+
+def test_labels_column_is_refused(model_and_data, tmp_path, capsys):
+    model, _ = model_and_data
+    data = tmp_path / "labels.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"is {i} even", "answer": "yes" if i % 2 == 0 else "no",
+                                        "labels": ["yes", "no"]}) + "\n" for i in range(4)))
+    assert cli.main(_flags(model, data, tmp_path / "run", "--steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "labels column" in err[0], err
+    assert not (tmp_path / "run").exists()

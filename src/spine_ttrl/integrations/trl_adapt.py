@@ -253,6 +253,10 @@ def adapt_trl(config: Config):
     log = Logger(cfg.run.progress and dist.is_main_process)
     examples = load_examples(cfg.data.data)[:cfg.data.limit or None]
     task = resolve_task(examples, cfg.data.task)
+    if any(ex.images for ex in examples):
+        raise ValueError("--engine trl does not train on image data: use the built-in engine (docs/multimodal.md)")
+    if any(ex.labels for ex in examples):
+        raise ValueError("--engine trl votes over the default labels (yes/no/maybe): a labels column needs the built-in engine")
     if len(examples) < cfg.optim.questions_per_step:
         raise ValueError(f"--engine trl needs at least questions_per_step ({cfg.optim.questions_per_step}) questions, "
                          f"got {len(examples)}")
