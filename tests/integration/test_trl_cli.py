@@ -27,12 +27,7 @@ OUR_METRICS = ("reward/mean", "vote/majority_ratio", "completion/length_mean", "
                "entropy/forking_mean", "time/step_s")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
