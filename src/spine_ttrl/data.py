@@ -475,16 +475,22 @@ def _format_answer(value: Any, where: str, field: str) -> str | None:
     return text or None
 
 
-def _parse_choices(value: Any, where: str) -> tuple[str, ...]:
+def _list_field(value: Any, where: str, name: str) -> list | tuple:
+    """A non-empty list field (``choices``, ``labels``), JSON-decoded first when given as a string."""
     if isinstance(value, str):  # CSV cells (and some JSON files) carry the list JSON-encoded
         try:
             value = json.loads(value)
         except ValueError:
-            raise DataError(f"{where}: field 'choices': expected a JSON list of strings, got {_short(value)}") from None
+            raise DataError(f"{where}: field '{name}': expected a JSON list of strings, got {_short(value)}") from None
     if not isinstance(value, (list, tuple)):
-        raise DataError(f"{where}: field 'choices': expected a list of strings, got {_type_name(value)}")
+        raise DataError(f"{where}: field '{name}': expected a list of strings, got {_type_name(value)}")
     if not value:
-        raise DataError(f"{where}: field 'choices': empty list")
+        raise DataError(f"{where}: field '{name}': empty list")
+    return value
+
+
+def _parse_choices(value: Any, where: str) -> tuple[str, ...]:
+    value = _list_field(value, where, "choices")
     if len(value) > len(OPTION_LETTERS):
         raise DataError(f"{where}: field 'choices': {len(value)} options, at most {len(OPTION_LETTERS)} (A-J) are supported")
     out = []
@@ -498,15 +504,7 @@ def _parse_choices(value: Any, where: str) -> tuple[str, ...]:
 def _parse_labels(value: Any, where: str) -> tuple[str, ...]:
     """A ``labels`` field: a non-empty list of distinct (case-insensitively) non-empty strings,
     JSON-encoded in CSV cells; returned stripped, as written."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise DataError(f"{where}: field 'labels': expected a JSON list of strings, got {_short(value)}") from None
-    if not isinstance(value, (list, tuple)):
-        raise DataError(f"{where}: field 'labels': expected a list of strings, got {_type_name(value)}")
-    if not value:
-        raise DataError(f"{where}: field 'labels': empty list")
+    value = _list_field(value, where, "labels")
     seen: dict[str, int] = {}
     for i, label in enumerate(value):
         if not isinstance(label, str) or not label.strip():
