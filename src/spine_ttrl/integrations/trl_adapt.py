@@ -137,8 +137,7 @@ def prepare_trl_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     """The run directory (created, ``config.toml`` written) and the TRL checkpoint to resume from."""
     from ..rundir import prepare_run_dir
 
-    out_dir, _ = prepare_run_dir(cfg, find_checkpoints=_trl_checkpoints)
-    checkpoints = _trl_checkpoints(out_dir) if cfg.run.resume else []
+    out_dir, checkpoints = prepare_run_dir(cfg, find_checkpoints=_trl_checkpoints)  # [] unless resuming
     if not checkpoints:
         shutil.rmtree(out_dir / "trl", ignore_errors=True)
         return out_dir, None
@@ -239,7 +238,7 @@ def adapt_trl(config: Config):
     from ..loop import Questions, RunResult
     from ..prompting import encode_examples
     from ..report import write_report
-    from ..rundir import Logger, last_eval, save_final_model, summary_line
+    from ..rundir import Logger, last_eval, summary_line
     from .trl import SpineGRPOTrainer
 
     cfg = config.validate()
