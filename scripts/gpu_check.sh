@@ -3,7 +3,7 @@
 # (bash scripts/install.sh). One line per check: PASS or FAIL, seconds per step, peak GPU memory.
 # Uses the embedded SmolLM2-135M model (no download). It cannot run on CPU-only machines.
 # Checks: built-in engine on cuda; built-in engine + vLLM sampler; TRL engine + vLLM colocate;
-# TRL engine in 2 processes (2 GPUs); Qwen2.5-VL-3B on the built-in engine (weights needed locally). Estimated 1-2 minutes each on one recent GPU (never run: written
+# TRL engine in 2 processes (2 GPUs); Qwen2.5-VL-3B on the built-in and the TRL engine (weights needed locally). Estimated 1-2 minutes each on one recent GPU (never run: written
 # on machines without a GPU).
 #
 #   bash scripts/gpu_check.sh
@@ -83,8 +83,19 @@ if [ -d "$QWEN_VL" ] || HF_HUB_OFFLINE=1 "$PY" -c "import sys; from transformers
     --steps 2 --questions-per-step 4 --num-votes 8 --max-new-tokens 128 --lora-r 16 --lr 1e-4 \
     --eval-samples 0 --eval-limit 4 --no-progress --out "$tmp/vlm" > "$tmp/vlm.log" 2>&1
   report qwen2.5-vl-builtin "$tmp/vlm" $? || { fail=1; tail -5 "$tmp/vlm.log"; }
+  # 6. the same model through the TRL engine (one process)
+  if "$PY" -c "import trl" 2>/dev/null; then
+    HF_HUB_OFFLINE=1 timeout 900 "$PY" -m spine_ttrl adapt --engine trl --device cuda --model "$QWEN_VL" --data shapes:8 \
+      --preset spine --steps 2 --questions-per-step 4 --num-votes 8 --num-train-samples 8 --micro-batch-size 8 \
+      --max-new-tokens 128 --lora-r 16 --lr 1e-4 --eval-samples 0 --eval-limit 4 --no-progress \
+      --out "$tmp/vlm-trl" > "$tmp/vlm-trl.log" 2>&1
+    report qwen2.5-vl-trl "$tmp/vlm-trl" $? || { fail=1; tail -5 "$tmp/vlm-trl.log"; }
+  else
+    echo "FAIL qwen2.5-vl-trl: trl is not installed (pip install -e '.[trl]')"; fail=1
+  fi
 else
   echo "SKIP qwen2.5-vl-builtin: weights of $QWEN_VL not found locally (set QWEN_VL=/path/to/Qwen2.5-VL-3B-Instruct)"
+  echo "SKIP qwen2.5-vl-trl: weights of $QWEN_VL not found locally"
 fi
 
 exit $fail

@@ -324,7 +324,8 @@ class VisionSampler(BuiltinSampler):
                       top_p=params.top_p, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
                       generator=generator, batch_size=params.batch_size, progress=progress,
                       tokenizer=self.tokenizer, autocast_dtype=self.autocast_dtype,
-                      return_entropy=params.return_entropy, prompt_inputs=RowImages(prompts, params.num_samples))
+                      return_entropy=params.return_entropy, prompt_inputs=RowImages(prompts, params.num_samples),
+                      max_new_tokens_per_prompt=params.max_new_tokens_per_prompt)
 
 
 # ---------------------------------------------------------------------------------------------

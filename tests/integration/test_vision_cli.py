@@ -91,3 +91,25 @@ def test_image_data_with_a_text_model_is_refused_in_one_line(tmp_path):
 
     with pytest.raises(ValueError, match="questions have images .* text-only model"):
         encode_examples(TextTokenizer(), load_examples("shapes:2"), "choice", max_prompt_tokens=None)
+
+
+@pytest.mark.slow
+def test_every_preset_runs_on_images(models, tmp_path):
+    """Each preset, one step on images (in-process): trained presets train, ettrl samples its tree
+    over the image prompts, evol-rl embeds the answers, none only evaluates."""
+    from spine_ttrl import cli
+    from spine_ttrl.config import PRESETS
+
+    for preset in PRESETS:
+        out = tmp_path / preset
+        steps = [] if preset == "none" else ["--steps", "1"]  # none: evaluation only (0 steps)
+        assert cli.main(["adapt", "--model", str(models["qwen2_vl"]), "--preset", preset, *steps,
+                         "--out", str(out), *SMALL]) == 0, preset
+        evals = _lines(out / "eval.jsonl")
+        assert evals and evals[-1]["eval/questions"] == 4, preset
+        if preset == "none":
+            assert not (out / "metrics.jsonl").exists() or not _lines(out / "metrics.jsonl")
+            continue
+        (step,) = _lines(out / "metrics.jsonl")
+        assert step["tokens/trained"] > 0, preset
+        assert ("completion/tree_token_ratio" in step) == (preset == "ettrl"), preset

@@ -72,7 +72,7 @@ def load_builtin_engine(model_cfg, *, need_reference: bool, sampling_cfg=None, s
     reference = None
     if need_reference:
         reference = model if lora is not None else copy.deepcopy(model).eval().requires_grad_(False)
-    eng = BuiltinEngine(model, tokenizer, _sampler(model, tokenizer, amp, vision), amp, lora is not None,
+    eng = BuiltinEngine(model, tokenizer, sampler_for(model, tokenizer, amp, vision), amp, lora is not None,
                         reference, device)
     if sampling_cfg is not None and sampling_cfg.sampler == "vllm":
         from .models import resolve_model_path
@@ -84,7 +84,7 @@ def load_builtin_engine(model_cfg, *, need_reference: bool, sampling_cfg=None, s
     return eng
 
 
-def _sampler(model, tokenizer, amp, vision: bool):
+def sampler_for(model, tokenizer, amp=None, vision: bool = False):
     """The built-in sampler; for a vision-language model (``tokenizer`` is its processor) the one
     that carries pixel inputs."""
     if not vision:

@@ -8,6 +8,9 @@ them, exactly as over flat samples (``num_votes`` = L), and trains a random ``nu
 subset of them, as with flat sampling. A branch is a whole completion to the loss: its prefix
 tokens (sampled by its parent) and its own.
 
+Prompts with images work as text ones: a branch's prompt is the question's prompt (its pixels
+kept) followed by the prefix, and the vision sampler's per-prompt budgets bound the leaf.
+
 What the tree saves: a branch decodes only its continuation; its prefix is prefilled once per
 branch point and shared by the point's B branches (the sampler runs identical prompts once), not
 decoded again. ``Rollout.sampled_tokens`` counts the decoded tokens; flat sampling of the same
@@ -42,6 +45,15 @@ def branch_points(entropies: torch.Tensor, lengths: torch.Tensor, n: int) -> lis
     return out
 
 
+def extend_prompt(prompt, tokens: list[int]):
+    """``prompt`` followed by ``tokens``, of the prompt's own type: a prompt with images
+    (:class:`spine_ttrl.vision.ImagePrompt`) keeps its pixels, so a branch is drawn seeing the
+    question's images (its prefix's positions follow the image, as in the full completion)."""
+    ids = list(prompt) + list(tokens)
+    pixels = getattr(prompt, "pixels", None)
+    return type(prompt)(ids, pixels) if pixels is not None else ids
+
+
 @dataclass
 class TreeSampler:
     """A :class:`~spine_ttrl.engine.Sampler` drawing each question's votes as an ETMR tree over
@@ -64,8 +76,6 @@ class TreeSampler:
         if params.num_samples != self.leaves:
             raise ValueError(f"a tree of {self.samples} x (1 + {self.branch_points} x {self.branches}) has "
                              f"{self.leaves} leaves per question, asked for {params.num_samples}")
-        if any(getattr(p, "pixels", None) for p in prompt_ids):
-            raise ValueError("rollout=tree does not support prompts with images: use rollout=flat")
         M, N, B = self.samples, self.branch_points, self.branches
         full = self.base.generate(prompt_ids, replace(params, num_samples=M, return_entropy=True),
                                   generator=generator, progress=progress)
@@ -74,7 +84,7 @@ class TreeSampler:
         prefixes = [(r, t) for r in range(len(points)) for t in points[r]]  # full row, branch position
         ids = [full.completion_ids[r, :t].tolist() for r, t in prefixes]
         cont = self.base.generate(
-            [list(prompt_ids[r // M]) + p for (r, _), p in zip(prefixes, ids)],
+            [extend_prompt(prompt_ids[r // M], p) for (r, _), p in zip(prefixes, ids)],
             replace(params, num_samples=B, return_entropy=True,
                     max_new_tokens_per_prompt=tuple(params.max_new_tokens - t for _, t in prefixes)),
             generator=generator, progress=progress)

@@ -58,8 +58,9 @@ def check_trl_config(cfg: Config, num_processes: int = 1) -> None:
     s, o = cfg.sampling, cfg.optim
     from ..vision import is_image_text_model  # reads the model's config only
 
-    if cfg.data.data.startswith("shapes:") or is_image_text_model(cfg.model.model):
-        raise ValueError("--engine trl does not train vision-language models or image data: use the built-in engine (docs/multimodal.md)")
+    if is_image_text_model(cfg.model.model) and s.num_votes != s.num_train_samples:
+        raise ValueError("--engine trl with a vision-language model needs num_votes = num_train_samples "
+                         "(more votes than trained samples is text-only there; the built-in engine does both)")
     rows = o.questions_per_step * s.num_train_samples
     if rows % (o.micro_batch_size * num_processes):
         raise ValueError(
@@ -80,6 +81,23 @@ def check_trl_config(cfg: Config, num_processes: int = 1) -> None:
     if bad:
         raise ValueError(f"--engine trl supports {', '.join(f'{k}={ok}' for k, (_, ok) in new.items())} only "
                          f"(got {', '.join(bad)}): the neighbours' switches run on the built-in engine")
+
+
+def trl_dataset_columns(tokenizer, examples, task: str, system_prompt: str = "") -> dict[str, list]:
+    """The columns of TRL's training set: ``prompt`` (chat messages, or the plain text for a
+    tokenizer without a chat template) and, for questions with images, ``images`` (PIL images;
+    TRL puts them into the first user turn and runs the processor)."""
+    from ..data import build_messages
+
+    messages = [build_messages(ex, task, system_prompt or None) for ex in examples]
+    if not getattr(tokenizer, "chat_template", None):
+        return {"prompt": ["\n\n".join(m["content"] for m in msgs) + "\n" for msgs in messages]}
+    columns = {"prompt": messages}
+    if any(ex.images for ex in examples):
+        from ..images import load_image
+
+        columns["images"] = [[load_image(src) for src in ex.images] for ex in examples]
+    return columns
 
 
 def trl_args(cfg: Config, output_dir: str | Path, *, bf16: bool, use_cpu: bool, task: str = "math",
@@ -169,7 +187,7 @@ class RunDirCallback(TrainerCallback):
     def evaluate(self, tag: str, step: int) -> None:
         from trl.models import unwrap_model_for_generation
 
-        from ..engine.builtin import builtin_sampler
+        from ..engine.builtin import sampler_for
         from ..loop import evaluate_run
 
         tr = self.trainer
@@ -177,7 +195,8 @@ class RunDirCallback(TrainerCallback):
         with unwrap_model_for_generation(tr.model_wrapped, tr.accelerator) as model:
             if tr.accelerator.is_main_process:
                 was_training = model.training
-                eng = SimpleNamespace(model=model, sampler=builtin_sampler(model, tr.processing_class, amp))
+                vision = getattr(tr.processing_class, "image_processor", None) is not None
+                eng = SimpleNamespace(model=model, sampler=sampler_for(model, tr.processing_class, amp, vision))
                 self.evals[tag] = evaluate_run(eng, self.qs, self.cfg, tag, step, self.out_dir, self.log)
                 model.train(was_training)
             tr.accelerator.wait_for_everyone()
@@ -231,9 +250,10 @@ def adapt_trl(config: Config):
     from datasets import Dataset
 
     from ..assessment import EvalResult
-    from ..data import build_messages, load_examples, resolve_task
+    from ..data import load_examples, resolve_task
     from ..engine.builtin import check_sampler, lora_settings
     from ..engine.models import load_model_and_tokenizer
+    from ..vision import check_text_model_data, is_image_text_model, load_vision_model
     from ..engine.precision import autocast_dtype_for, resolve_device
     from ..loop import Questions, RunResult
     from ..prompting import encode_examples
@@ -252,8 +272,6 @@ def adapt_trl(config: Config):
     log = Logger(cfg.run.progress and dist.is_main_process)
     examples = load_examples(cfg.data.data)[:cfg.data.limit or None]
     task = resolve_task(examples, cfg.data.task)
-    if any(ex.images for ex in examples):
-        raise ValueError("--engine trl does not train on image data: use the built-in engine (docs/multimodal.md)")
     if any(ex.labels for ex in examples):
         raise ValueError("--engine trl votes over the default labels (yes/no/maybe): a labels column needs the built-in engine")
     if len(examples) < cfg.optim.questions_per_step:
@@ -262,7 +280,12 @@ def adapt_trl(config: Config):
     check_sampler(cfg.sampling.sampler, device)  # vLLM needs the extra and a GPU: refused before anything is written
     payload = [prepare_trl_run_dir(cfg) if dist.is_main_process else None]
     out_dir, resume_from = broadcast_object_list(payload, from_process=0)[0] if dist.num_processes > 1 else payload[0]
-    model, tokenizer = load_model_and_tokenizer(cfg.model.model, lora=lora_settings(cfg.model))
+    if is_image_text_model(cfg.model.model):  # the "tokenizer" is then the processor, as in the built-in engine
+        model, tokenizer = load_vision_model(cfg.model.model, lora=lora_settings(cfg.model),
+                                             freeze_vision=cfg.model.freeze_vision)
+    else:
+        check_text_model_data(examples)  # images for a text-only model: refused before it loads
+        model, tokenizer = load_model_and_tokenizer(cfg.model.model, lora=lora_settings(cfg.model))
     examples, prompt_ids, report = encode_examples(tokenizer, examples, task, max_prompt_tokens=cfg.data.max_prompt_tokens,
                                                    long_prompts=cfg.data.long_prompts, system_prompt=cfg.data.system_prompt)
     log.info(report)
@@ -270,12 +293,7 @@ def adapt_trl(config: Config):
     bf16 = autocast_dtype_for(cfg.model.precision, device) is not None
     args = trl_args(cfg, out_dir / "trl", bf16=bf16, use_cpu=device.type == "cpu", task=task,
                     num_processes=dist.num_processes)
-    if not getattr(tokenizer, "chat_template", None):
-        prompts = ["\n\n".join(m["content"] for m in build_messages(ex, task, cfg.data.system_prompt or None)) + "\n"
-                   for ex in examples]
-    else:
-        prompts = [build_messages(ex, task, cfg.data.system_prompt or None) for ex in examples]
-    dataset = Dataset.from_dict({"prompt": prompts})
+    dataset = Dataset.from_dict(trl_dataset_columns(tokenizer, examples, task, cfg.data.system_prompt))
     before = last_eval(out_dir, "before")
     cb = RunDirCallback(cfg, qs, out_dir, log, eval_before=before is None and not cfg.eval.skip_eval_before)
     trainer = SpineGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[cb])
