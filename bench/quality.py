@@ -50,7 +50,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent / "results" / "quality"
-METHODS = ("none", "ttrl", "spine", "spine-v2")
+# "none" (the unadapted model) and every preset of the project (spine_ttrl.config.PRESETS): TTRL, SPINE
+# v1/v2 and the neighbours (ttrv, evol-rl, ettrl, siren).
+METHODS = ("none", "ttrl", "spine", "spine-v2", "ttrv", "evol-rl", "ettrl", "siren")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -210,7 +212,7 @@ def _answer_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
 
 def _comparisons(pq: dict[str, dict[str, np.ndarray]], method_of: dict[str, str]) -> dict:
     """Paired bootstraps: every SPINE run key (v1, then v2) against every TTRL key and the base,
-    and TTRL against the base. ``pq`` maps run keys (and optionally "base") to per-question arrays."""
+    TTRL against the base, then every neighbour preset's run key against every TTRL key and the base. ``pq`` maps run keys (and optionally "base") to per-question arrays."""
     comparisons = {}
     has_base = "base" in pq
     spine_keys = [m for m in method_of if method_of[m] == "spine"] + [m for m in method_of if method_of[m] == "spine-v2"]
@@ -221,6 +223,10 @@ def _comparisons(pq: dict[str, dict[str, np.ndarray]], method_of: dict[str, str]
     if has_base:  # TTRL's own gain, for reference
         for t in ttrl_keys:
             comparisons[f"{t} - base"] = {m: paired_bootstrap(pq[t][m], pq["base"][m]) for m in ("greedy", "avg")}
+    neighbours = [m for m in method_of if method_of[m] not in ("ttrl", "spine", "spine-v2")]
+    for n in neighbours:  # the neighbour presets (ttrv, evol-rl, ettrl, siren), as SPINE is compared
+        for other in ttrl_keys + (["base"] if has_base else []):
+            comparisons[f"{n} - {other}"] = {m: paired_bootstrap(pq[n][m], pq[other][m]) for m in ("greedy", "avg")}
     return comparisons
 
 

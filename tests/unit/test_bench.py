@@ -489,3 +489,21 @@ def test_real_sets_are_read_from_the_shared_layout(tmp_path, monkeypatch):
     assert sorted(r["source"] for r in rows) == ["gsm8k", "math-prealgebra", "svamp"]
     with pytest.raises(ValueError, match="has 1"):
         sets.materialise("svamp", 2, 0)
+
+
+def test_every_preset_is_a_quality_method_and_neighbours_are_compared(tmp_path):
+    import json
+
+    from spine_ttrl.config import PRESETS
+
+    assert set(quality.METHODS) == set(PRESETS)  # a new preset gets its benchmark row
+    (tmp_path / "base.json").write_text(json.dumps(_run_record("none", 0, [0, 0, 1, 0], [0, 1, 2, 0], [])))
+    runs = {"ttrl-lr0.0001-s0.json": _run_record("ttrl", 0, [0, 1, 1, 0], [1, 1, 2, 0], []),
+            "ttrv-lr0.0001-s0.json": _run_record("ttrv", 0, [1, 1, 1, 1], [2, 1, 2, 0], [])}
+    for name, rec in runs.items():
+        (tmp_path / name).write_text(json.dumps(rec))
+    c = quality.summarize(tmp_path, k=2)["paired_bootstrap"]
+    # greedy: ttrv [1, 1, 1, 1], ttrl [0, 1, 1, 0], base [0, 0, 1, 0]
+    assert c["ttrv-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.5)
+    assert c["ttrv-lr0.0001 - base"]["greedy"]["diff"] == pytest.approx(0.75)
+    assert "ttrl-lr0.0001 - ttrv-lr0.0001" not in c
