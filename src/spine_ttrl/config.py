@@ -146,6 +146,7 @@ class RunConfig:
     out: str = _f("", "Run directory (default runs/<time>-<preset>).")
     seed: int = _f(0, "Seed of the sampling, selection and evaluation random generators.")
     threads: int = _f(0, "torch CPU threads (0 = torch's default).")
+    mmap_threshold_mb: int = _f(1, "On the CPU under Linux (glibc): allocations of at least this many MiB are served by mmap and returned to the system when freed (mallopt M_MMAP_THRESHOLD; a MALLOC_MMAP_THRESHOLD_ environment variable wins). Measured on Qwen2.5-0.5B (LoRA, 4 rows of 470 tokens per micro-batch): the update's peak resident memory 12.0-13.7 GiB with glibc's default, 9.3 GiB at 8, 7.1 GiB at 1; the update took 313-316 s, 342 s and 359-364 s (page faults of fresh memory), sampling 7 per cent longer at 1. 0 = glibc's default.")
     save_every: int = _f(0, "Save a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "How many recent checkpoints to keep.")
     resume: str = _f("", "Run directory of an interrupted run to continue.")
@@ -200,6 +201,7 @@ class Config:
             (self.eval.eval_samples >= 0, "eval_samples must be >= 0"),
             (self.eval.eval_every_samples >= -1, "eval_every_samples must be >= -1"),
             (self.model.lora_r >= 0, "lora_r must be >= 0"),
+            (0 <= self.run.mmap_threshold_mb <= 1024, "mmap_threshold_mb must be between 0 and 1024"),
             (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.model.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.model.device!r}"),
         ]

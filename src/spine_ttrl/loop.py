@@ -38,6 +38,7 @@ from .config import Config
 from .data import load_examples, resolve_task
 from .engine import SamplingParams
 from .engine.builtin import check_sampler, load_builtin_engine
+from .engine.memory import fix_mmap_threshold, peak_memory_metrics, reset_peak_memory
 from .engine.precision import autocast_dtype_for, bf16_supported, resolve_device  # noqa: F401 (autocast_dtype_for, bf16_supported: re-exported)
 from .engine.scoring import batch_to_device, build_training_batch, micro_batches, score_batch, score_completions  # noqa: F401
 from .embeddings import check_embedder, load_embedder
@@ -88,6 +89,8 @@ def adapt(config: Config) -> RunResult:
     o, ev, run = cfg.optim, cfg.eval, cfg.run
     if run.threads:
         torch.set_num_threads(run.threads)
+    if run.mmap_threshold_mb and resolve_device(cfg.model.device).type == "cpu":
+        fix_mmap_threshold(run.mmap_threshold_mb << 20)
     log = Logger(run.progress)
     # Data first: bad input fails before the (slow) model load.
     examples = load_examples(cfg.data.data)
@@ -165,8 +168,7 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
     s, sp, o = cfg.sampling, cfg.spine, cfg.optim
     t_step = time.perf_counter()
     m: dict[str, float] = {"step": step}
-    if eng.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(eng.device)
+    reset_peak_memory(eng.device)
     q_idx = next_questions(state, o.questions_per_step, len(qs.examples))
     eng.model.eval()
     t0 = time.perf_counter()
@@ -228,8 +230,7 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
     if hasattr(eng.sampler, "sync_weights"):  # an external sampler (vLLM) gets the updated weights
         eng.sampler.sync_weights()
     m["tokens/trained"] = float(int(token_mask.sum()))
-    if eng.device.type == "cuda":
-        m["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated(eng.device) / 2**30
+    m.update(peak_memory_metrics(eng.device))
     finish_step(m, t_step, out_dir / "metrics.jsonl", log)
     return m
 

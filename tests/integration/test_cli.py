@@ -87,3 +87,6 @@ def test_cli_smoke_real_run(tmp_path):
     assert "done: spine, 1 steps" in proc.stdout + proc.stderr
     assert (out / "metrics.jsonl").exists() and (out / "eval.jsonl").exists()
     assert (out / "final" / "model.safetensors").exists()
+    if sys.platform == "linux":  # the step's peak resident memory: at least the 135M model's fp32 weights
+        (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert 0.5 < step["memory/peak_rss_gb"] < 24

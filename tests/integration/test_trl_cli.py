@@ -68,6 +68,8 @@ def test_adapt_engine_trl_writes_the_run_directory(model_and_data, tmp_path):
     for name in OUR_METRICS:
         assert name in metrics[0], name
     assert 0.1 < metrics[0]["tokens/selected_fraction"] < 0.4  # top 20 % of the batch's tokens
+    if sys.platform == "linux":
+        assert all(0 < m["memory/peak_rss_gb"] < 24 for m in metrics)
     evals = _jsonl(out / "eval.jsonl")
     assert [(e["tag"], e["step"]) for e in evals] == [("before", 0), ("step1", 1), ("after", 2)]
     assert len(_jsonl(out / "eval_records.jsonl")) == 3

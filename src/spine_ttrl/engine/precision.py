@@ -109,3 +109,4 @@ def cache_frozen_casts(model, dtype: torch.dtype | None):
     finally:
         for p in frozen:
             p.requires_grad_(False)
+

@@ -205,14 +205,18 @@ class RunDirCallback(TrainerCallback):
     # --- TrainerCallback hooks ---------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kw):
+        from ..engine.memory import reset_peak_memory
+
         if self.eval_before:
             self.evaluate("before", 0)
+        reset_peak_memory(self.trainer.accelerator.device)
         self._t = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or "train_runtime" in logs or not self.trainer.accelerator.is_main_process:
             return
-        from ..rundir import append_jsonl, finish_step
+        from ..engine.memory import peak_memory_metrics, reset_peak_memory
+        from ..rundir import finish_step
 
         m = {"step": self.step_of(state.global_step)}
         for key, value in logs.items():
@@ -224,9 +228,9 @@ class RunDirCallback(TrainerCallback):
         s, o = self.cfg.sampling, self.cfg.optim
         if s.num_votes == s.num_train_samples and "completion/length_mean" in m:  # every sample is in TRL's mean
             m["completion/sampled_tokens"] = m["completion/length_mean"] * o.questions_per_step * s.num_votes
-        if torch.cuda.is_available() and self.trainer.accelerator.device.type == "cuda":
-            m["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.reset_peak_memory_stats()
+        device = self.trainer.accelerator.device
+        m.update(peak_memory_metrics(device))
+        reset_peak_memory(device)
         finish_step(m, self._t, self.out_dir / "metrics.jsonl", self.log)
         self.metrics.append(m)
         self._t = time.perf_counter()
@@ -269,6 +273,10 @@ def adapt_trl(config: Config):
     check_trl_config(cfg, dist.num_processes)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    if cfg.run.mmap_threshold_mb and device.type == "cpu":
+        from ..engine.memory import fix_mmap_threshold
+
+        fix_mmap_threshold(cfg.run.mmap_threshold_mb << 20)
     log = Logger(cfg.run.progress and dist.is_main_process)
     examples = load_examples(cfg.data.data)[:cfg.data.limit or None]
     task = resolve_task(examples, cfg.data.task)
