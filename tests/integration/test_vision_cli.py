@@ -113,3 +113,35 @@ def test_every_preset_runs_on_images(models, tmp_path):
         (step,) = _lines(out / "metrics.jsonl")
         assert step["tokens/trained"] > 0, preset
         assert ("completion/tree_token_ratio" in step) == (preset == "ettrl"), preset
+
+
+@pytest.mark.slow
+def test_a_user_data_file_with_image_paths(models, tmp_path):
+    """The user's path: a JSONL file whose rows name PNG/JPEG files next to it (one row with two
+    images, one with none), adapted and evaluated through the CLI; a missing image fails in one
+    line, exit status 2, before the model loads."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "img" / "red.png")
+    Image.new("RGB", (40, 40), "blue").save(tmp_path / "img" / "blue.jpg", format="JPEG")
+    rows = [{"prompt": "What colour is the image?", "image": "img/red.png", "answer": "red"},
+            {"prompt": "What colour is this one?", "image": "img/blue.jpg", "answer": "blue"},
+            {"prompt": "Which two colours are shown?", "image": ["img/red.png", "img/blue.jpg"], "answer": "red"},
+            {"prompt": "Name a colour.", "answer": "red"}]
+    for r in rows:
+        r["labels"] = ["red", "blue", "green"]
+    data = tmp_path / "images.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    flags = [str(data) if f == "shapes:4:0" else f for f in SMALL]
+    _cli("adapt", "--model", str(models["qwen2_vl"]), "--steps", "2", "--out", str(out), "--task", "label",
+         "--lr", "1e-3", *flags)
+    assert len(_lines(out / "metrics.jsonl")) == 2
+    assert _lines(out / "eval.jsonl")[-1]["eval/questions"] == 4
+    rows[1]["image"] = "img/missing.png"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = subprocess.run([sys.executable, "-m", "spine_ttrl", "adapt", "--model", str(models["qwen2_vl"]),
+                          "--out", str(tmp_path / "bad"), *flags], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "images.jsonl:2: field 'image': img/missing.png: no such image file" in res.stderr
+    assert not (tmp_path / "bad" / "config.toml").exists()
