@@ -3,7 +3,7 @@
 A refactor that claims "behaviour unchanged" runs this before the change (``--record``) and after
 it (``--check``): for each configuration below it runs a tiny adaptation on the embedded model
 with a fixed seed and compares, step by step, the SHA-256 of the sampled completion ids and every
-logged metric (times excluded) within ``--atol``.
+logged metric (times and memory excluded) within ``--atol``.
 
     python scripts/golden_run.py --record golden.json     # on the old code
     python scripts/golden_run.py --check golden.json      # on the new code: exit 1 on a mismatch
@@ -39,7 +39,7 @@ def _records(path: Path) -> list[dict]:
 
 
 def _strip(m: dict) -> dict:
-    return {k: v for k, v in m.items() if not k.startswith("time") and k != "tokens/per_second"
+    return {k: v for k, v in m.items() if not k.startswith(("time", "memory/")) and k != "tokens/per_second"
             and k != "eval/time_s"}
 
 

@@ -24,7 +24,7 @@ from test_trl_engine import tiny_model, tiny_tokenizer  # noqa: E402
 
 OUR_METRICS = ("reward/mean", "vote/majority_ratio", "completion/length_mean", "completion/truncated_fraction",
                "loss/policy", "loss/band", "loss/kl", "optim/grad_norm", "optim/lr", "tokens/selected_fraction",
-               "entropy/forking_mean", "time/step_s")
+               "entropy/forking_mean", "time/step_s", "vote/label_accuracy", "vote/sample_accuracy", "reward/accuracy")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -140,6 +140,10 @@ EXACT_CONFIGS = {
         majority=["3", "2", "1"]),
 }
 
+# Reference answers of the prompts (label diagnostics only), chosen among the fixed answers so that
+# some groups' majorities and votes are right and others are not.
+LABELS = {"what is 1 plus 2": "3", "what is 3 times 4": "2", "what is 5 plus 6": "6", "what is 7 times 8": "7"}
+
 EXACT_WORKER = r'''
 import json, os, sys
 import torch
@@ -153,6 +157,7 @@ from spine_ttrl.integrations.trl import SpineGRPOConfig, SpineGRPOTrainer, VoteP
 
 torch.set_num_threads(1)
 CONFIGS = json.loads(sys.argv[3])
+LABELS = json.loads(sys.argv[4])
 world = int(os.environ["WORLD_SIZE"])
 rec = {}
 
@@ -185,6 +190,8 @@ class Recorded(SpineGRPOTrainer):
         out = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         rec["rewards"] = out[:, 0].tolist()
         rec["kept_answers"] = gather_object([extract_answer(c) for c in completions])
+        rec["label"] = {k: self._metrics["train"][k][-1] for k in ("vote/label_accuracy", "vote/sample_accuracy",
+                                                                   "reward/accuracy") if self._metrics["train"].get(k)}
         return out
 
     def _route_kept(self, plan, where, ids, logprobs, rows):
@@ -216,8 +223,8 @@ for name, cfg in CONFIGS.items():
                            use_cpu=True, bf16=False, logging_steps=1, report_to="none", save_strategy="no",
                            optim="sgd", learning_rate=0.1, max_grad_norm=0.0, gradient_checkpointing=False,
                            **{"seed": 0, **cfg["args"]})
-    trainer = Recorded(model=tiny_model(), args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 3}),
-                       processing_class=tiny_tokenizer())
+    data = Dataset.from_dict({"prompt": PROMPTS * 3, "answer": [LABELS[p] for p in PROMPTS] * 3})
+    trainer = Recorded(model=tiny_model(), args=args, train_dataset=data, processing_class=tiny_tokenizer())
     trainer.answers = cfg["answers"]
     before = torch.cat([p.detach().reshape(-1).clone() for p in trainer.model.parameters()])
     trainer.train()
@@ -233,9 +240,11 @@ if int(os.environ["RANK"]) == 0:
 def test_two_processes_train_exactly_as_one(tmp_path):
     import torch
 
+    from spine_ttrl.integrations.trl import label_metrics
+
     configs = json.dumps(EXACT_CONFIGS)
-    launch(tmp_path, EXACT_WORKER, 1, configs)
-    launch(tmp_path, EXACT_WORKER, 2, configs)
+    launch(tmp_path, EXACT_WORKER, 1, configs, json.dumps(LABELS))
+    launch(tmp_path, EXACT_WORKER, 2, configs, json.dumps(LABELS))
     one, two = (torch.load(tmp_path / "out" / f"exact_{n}.pt") for n in (1, 2))
     for name, cfg in EXACT_CONFIGS.items():
         a, b = one[name], two[name]
@@ -250,6 +259,11 @@ def test_two_processes_train_exactly_as_one(tmp_path):
             assert a["rewards"] == [float(ans == cfg["majority"][r // G]) for r, ans in enumerate(a["kept_answers"])]
             assert a["kept_answers"][4:8] == ["7", "7", "2", "2"] and a["rewards"][4:8] == [0, 0, 1, 1]
             assert two[name]["transfers"] > 0  # a kept vote generated on one process trains on the other
+        # label diagnostics over each whole group's votes, with the group's reference answer (its prompt's)
+        labels = [next(v for q, v in LABELS.items() if q in text) for _, text in a["prompts"]]
+        expected = label_metrics(cfg["answers"], labels, cfg["args"]["reward"])
+        assert "vote/sample_accuracy" in expected and "vote/label_accuracy" in expected
+        assert a["label"] == pytest.approx(expected) and b["label"] == pytest.approx(expected), name
         assert a["selected"] == b["selected"] and 0 < a["selected"][0] < a["selected"][1], name
         if "low" in a:
             for key in ("low", "high"):

@@ -85,7 +85,7 @@ def test_trl_prompts_are_the_built_in_engines(models):
     examples = load_examples("shapes:3:5")
     _, ours, _ = encode_examples(processor, examples, "choice", max_prompt_tokens=None)
     columns = trl_dataset_columns(processor, examples, "choice")
-    assert set(columns) == {"prompt", "images"} and all(len(x) == 1 for x in columns["images"])
+    assert set(columns) == {"prompt", "images", "answer"} and all(len(x) == 1 for x in columns["images"])
     args = SpineGRPOConfig(output_dir="/tmp/unused", use_cpu=True, num_generations=2, per_device_train_batch_size=2,
                            max_completion_length=4, report_to="none", task="choice")
     trainer = SpineGRPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns),

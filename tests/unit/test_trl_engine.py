@@ -498,3 +498,30 @@ def test_conversational_prompts_train_one_step(tmp_path):
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["vote/majority_ratio"] > 0 and "tokens/selected_fraction" in log
+
+
+def test_label_metrics_by_hand_and_as_the_built_in_engine():
+    from spine_ttrl.integrations.trl import VotePlan, label_metrics, vote_lists
+    from spine_ttrl.rewards import REWARDS
+    from spine_ttrl.votes import vote_and_reward
+
+    groups = [["3", "3", "5", None], ["7", "2", "2", "7"], [None, None, None, None], ["1", "1", "1", "1"]]
+    labels = ["3", "2", "4", None]
+    m = label_metrics(groups, labels)
+    # votes right: 2 of 4, 2 of 4, 0 of 4 (no label: last group skipped) -> 4 / 12
+    assert m["vote/sample_accuracy"] == pytest.approx(4 / 12)
+    # majorities: "3" right; the tie 7/2 goes to the first cluster, "7": wrong; nothing parsed: not voted
+    assert m["vote/label_accuracy"] == pytest.approx(1 / 2)
+    # rewards vs truth: group 0 [1 1 0 0] vs [1 1 0 0]; group 1 [1 0 0 1] vs [0 1 1 0] -> 4 of 8
+    assert m["reward/accuracy"] == pytest.approx(4 / 8)
+    assert "reward/accuracy" not in label_metrics(groups, labels, reward="frequency")
+    assert label_metrics(groups, [None] * 4) == {}
+    # the built-in engine's numbers on the same votes
+    texts = [f"\\boxed{{{a}}}" if a is not None else "no answer" for g in groups for a in g]
+    built_in = vote_and_reward(texts, labels, num_votes=4, num_train=4, task="math", reward_fn=REWARDS["majority"],
+                               generator=torch.Generator().manual_seed(0)).metrics()
+    assert {k: built_in[k] for k in m} == pytest.approx(m)
+    # votes != samples: triples (group, position, answer) back in position order
+    assert vote_lists([(1, 1, "b"), (0, 0, "x"), (1, 0, "a"), (0, 1, "y")], 2,
+                      VotePlan(2, 2, ((0, 1), (0, 1)))) == [["x", "y"], ["a", "b"]]
+    assert vote_lists(["a", "b", "c", "d"], 2) == [["a", "b"], ["c", "d"]]

@@ -109,7 +109,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..answers import TASKS, extract_answer, majority_vote
+from ..answers import TASKS, extract_answer, is_equivalent, majority_vote
 from ..losses import BANDS, band_penalty, kl_penalty, policy_loss
 from ..rewards import REWARDS
 from ..selection import SELECTIONS
@@ -282,6 +282,49 @@ def kept_vote_rewards(votes: Sequence[tuple[int, int, str | None]], plan: VotePl
     return [rewards[g * V + pos] for g, kept in enumerate(plan.kept) for pos in kept], ratios
 
 
+def label_metrics(groups: Sequence[Sequence[str | None]], labels: Sequence[str | None], reward: str = "majority",
+                  task: str = "math") -> dict[str, float]:
+    """The built-in engine's label diagnostics (:class:`spine_ttrl.votes.StepVotes`), from each
+    group's votes (all of them, extracted answers) and its reference answer (None = none).
+
+    ``vote/sample_accuracy`` = share of the votes equivalent to their group's label;
+    ``vote/label_accuracy`` = share of the voted groups (a majority exists) whose majority is;
+    ``reward/accuracy`` = share of those groups' votes whose reward equals that truth (binary
+    rewards only). Keys without data are left out. Labels never enter the reward.
+    """
+    fn = REWARDS[reward]
+    label_hits, sample_hits, reward_hits = [], [], []
+    for answers, label in zip(groups, labels):
+        if label is None:
+            continue
+        truth = [float(a is not None and is_equivalent(a, label, task)) for a in answers]
+        sample_hits.extend(truth)
+        vote = majority_vote(list(answers), task=task)
+        if vote.label is None:
+            continue
+        label_hits.append(float(is_equivalent(vote.label, label, task)))
+        rewards = [float(r) for r in fn(list(answers), task=task)]
+        if all(r in (0.0, 1.0) for r in rewards):
+            reward_hits.extend(float(r == t) for r, t in zip(rewards, truth))
+    out = {}
+    for key, hits in (("vote/label_accuracy", label_hits), ("reward/accuracy", reward_hits),
+                      ("vote/sample_accuracy", sample_hits)):
+        if hits:
+            out[key] = sum(hits) / len(hits)
+    return out
+
+
+def vote_lists(answers: Sequence, group_size: int, plan: VotePlan | None = None) -> list[list]:
+    """Each group's votes: consecutive ``group_size`` answers (no plan), or, with a ``plan``, the
+    ``(group, position, answer)`` triples of :func:`kept_vote_rewards` put in position order."""
+    if plan is None:
+        return [list(answers[i:i + group_size]) for i in range(0, len(answers), group_size)]
+    groups: list[list] = [[None] * plan.num_votes for _ in plan.kept]
+    for g, pos, answer in answers:
+        groups[g][pos] = answer
+    return groups
+
+
 def gathered_group_rewards(local_answers: Sequence, group_size: int, *, reward: str = "majority",
                            task: str = "math", gather: Callable[[list], list] | None = None,
                            broadcast: Callable[[list], list] | None = None,
@@ -344,8 +387,9 @@ class SpineGRPOTrainer(GRPOTrainer):
 
     No ``reward_funcs``: the reward is the vote of each prompt's ``num_votes`` completions (default
     ``num_generations``; with more votes, ``num_generations`` of them are trained) -- reference
-    answers in the dataset, if any, are not used. Logged (TRL's ``self._metrics``,
-    same names as the built-in engine): ``reward/mean``, ``vote/majority_ratio``,
+    answers in the dataset (an ``answer`` column), if any, are used only for the label diagnostics
+    ``vote/label_accuracy``, ``vote/sample_accuracy`` and ``reward/accuracy`` (:func:`label_metrics`).
+    Logged (TRL's ``self._metrics``, same names as the built-in engine): ``reward/mean``, ``vote/majority_ratio``,
     ``tokens/selected_fraction``, ``entropy/forking_mean`` (and the other ``entropy/``, ``band/``
     metrics of the built-in engine), ``loss/policy``, ``loss/band``, ``loss/kl``.
     """
@@ -470,6 +514,13 @@ class SpineGRPOTrainer(GRPOTrainer):
             is_main=self.accelerator.is_main_process, plan=plan)
         self._metrics[mode]["vote/majority_ratio"].append(sum(ratios) / max(len(ratios), 1))
         self._metrics[mode]["reward/mean"].append(sum(rewards) / max(len(rewards), 1))
+        if "answer" in inputs[0]:  # reference answers: diagnostics only, as in the built-in engine
+            row_labels = [None if x.get("answer") is None else str(x["answer"]) for x in inputs]
+            every = gather_object(list(local)) if multi else list(local)
+            row_labels = gather_object(row_labels) if multi else row_labels
+            groups = vote_lists(every, group, plan)
+            for key, value in label_metrics(groups, row_labels[::group], args.reward, args.task).items():
+                self._metrics[mode][key].append(value)
         return torch.tensor(rewards, dtype=torch.float32, device=self.accelerator.device).unsqueeze(1)
 
     # --- selection and band over the generation batch -------------------------------------------

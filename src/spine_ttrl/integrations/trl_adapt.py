@@ -85,15 +85,17 @@ def check_trl_config(cfg: Config, num_processes: int = 1) -> None:
 
 def trl_dataset_columns(tokenizer, examples, task: str, system_prompt: str = "") -> dict[str, list]:
     """The columns of TRL's training set: ``prompt`` (chat messages, or the plain text for a
-    tokenizer without a chat template) and, for questions with images, ``images`` (PIL images;
-    TRL puts them into the first user turn and runs the processor)."""
+    tokenizer without a chat template), ``answer`` when questions have reference answers (for the
+    label diagnostics only) and, for questions with images, ``images`` (PIL images; TRL puts them
+    into the first user turn and runs the processor)."""
     from ..data import build_messages
 
     messages = [build_messages(ex, task, system_prompt or None) for ex in examples]
-    if not getattr(tokenizer, "chat_template", None):
-        return {"prompt": ["\n\n".join(m["content"] for m in msgs) + "\n" for msgs in messages]}
-    columns = {"prompt": messages}
-    if any(ex.images for ex in examples):
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    columns = {"prompt": messages if chat else ["\n\n".join(m["content"] for m in msgs) + "\n" for msgs in messages]}
+    if any(ex.answer is not None for ex in examples):  # the label diagnostics only, never the reward
+        columns["answer"] = [ex.answer for ex in examples]
+    if chat and any(ex.images for ex in examples):  # images come with a processor, which has a template
         from ..images import load_image
 
         columns["images"] = [[load_image(src) for src in ex.images] for ex in examples]
