@@ -106,3 +106,32 @@ def test_trl_engine_refuses_more_votes_than_samples_for_a_vlm(models, tmp_path):
                                          "sampling": {"num_votes": 8, "num_train_samples": 4}}).validate()
     with pytest.raises(ValueError, match="vision-language model needs num_votes = num_train_samples"):
         check_trl_config(cfg)
+
+
+@pytest.mark.slow
+def test_trl_engine_with_images_on_two_processes(models, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each process generates and trains its share of the image
+    prompts; rank 0 writes one run directory; 2 steps of 2 questions are one pass over 4."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "spine_ttrl", "adapt", "--model", str(models["qwen2_vl"]),
+           "--out", str(out), "--preset", "spine", "--lora-r", "4", *SMALL,
+           "--micro-batch-size", "2"]  # the last value wins: 2 processes x 2 rows x 2 accumulation steps
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "processes=2" in proc.stdout + proc.stderr
+    metrics = _jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["data/epoch"] == 1.0
+    assert [e["tag"] for e in _jsonl(out / "eval.jsonl")] == ["before", "after"]
+    from spine_ttrl.vision import load_processor
+
+    assert load_processor(str(out / "final")).image_processor is not None
