@@ -208,9 +208,10 @@ def summarise_key(runs: list[dict]) -> dict:
         for k in vals[0] if vals else {}:
             if k.startswith("eval/") and (k.startswith("eval/avg@") or k.startswith("eval/maj@")) and not k.endswith("_se"):
                 sampled[f"{tag}/{k[5:]}"] = float(np.mean([v[k] for v in vals if k in v]))
+    before = _question_vector(runs, 0.0) if 0.0 in episodes else None
     return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "episodes": episodes, "greedy": greedy,
             "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
-            "series": series, "sampled": sampled}
+            "series": series, "sampled": sampled, "questions": 0 if before is None else len(before)}
 
 
 def load_tag(tag: str) -> dict[str, list[dict]]:
@@ -228,6 +229,16 @@ def compare(a: list[dict], b: list[dict], episode: float | None) -> dict | None:
     if va is None or vb is None or len(va) != len(vb):
         return None
     return paired_bootstrap(va, vb)
+
+
+def questions_for_halfwidth(c: dict | None, questions: int, target: float = 0.03) -> int | None:
+    """Questions a paired interval needs for a half-width of ``target`` (3 points), from one
+    measured at ``questions`` questions: the half-width shrinks as 1/√n, so
+    n' = ⌈n · (h / target)²⌉ with h = (ci_high − ci_low) / 2. None without an interval."""
+    if not c or questions < 1:
+        return None
+    h = (c["ci_high"] - c["ci_low"]) / 2
+    return max(1, math.ceil(questions * (h / target) ** 2 - 1e-9))
 
 
 def summary(tag: str) -> dict:
@@ -279,11 +290,14 @@ def render(out: dict) -> str:
             f"({_f(s['best_episode'], 0)}) | {s['stop_episode'] or '–'} → {_f(g.get(s['stop_eval_episode']))} | "
             f"{' → '.join(_f(v) for v in avg) or '–'} | {first_last('completion/length_mean')} | "
             f"{first_last('vote/majority_ratio')} | {first_last('entropy/forking_mean')} |")
-    lines += ["", "Paired bootstrap, greedy pass@1 in points (95 % interval), questions resampled:", "",
-              "| run key | comparison | difference |", "|---|---|---|"]
+    lines += ["", "Paired bootstrap, greedy pass@1 in points (95 % interval), questions resampled; the "
+              "half-width reached and the questions a ±3-point half-width would need (it shrinks as 1/√n):", "",
+              "| run key | comparison | difference | half-width | questions for ±3 |", "|---|---|---|---|---|"]
     for k, comp in out["comparisons"].items():
+        n = out["keys"][k].get("questions") or 0
         for name, c in comp.items():
-            lines.append(f"| {k} | {name} | {_ci(c)} |")
+            half = f"{100 * (c['ci_high'] - c['ci_low']) / 2:.1f}" if c else "–"
+            lines.append(f"| {k} | {name} | {_ci(c)} | {half} | {questions_for_halfwidth(c, n) or '–'} |")
     lines += ["", "Greedy pass@1 per evaluated episode:", ""]
     for k, s in out["keys"].items():
         lines.append(f"- {k}: " + ", ".join(f"ep{_f(e, 0)} {_f(v)}" for e, v in zip(s["episodes"], s["greedy"])))

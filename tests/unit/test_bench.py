@@ -462,6 +462,16 @@ def test_long_summary_curves_best_final_and_paired_differences(tmp_path, monkeyp
     assert comp["vs_base/final"]["diff"] == pytest.approx(0.5)
     assert comp["vs_ttrl-lr0.0001/best"]["diff"] == pytest.approx((0.875 - 0.5))
     assert (tmp_path / "t" / "summary.md").exists() and (tmp_path / "t" / "curves.png").stat().st_size > 1000
+    assert s["questions"] == 4
+    # half-width h = (ci_high - ci_low) / 2 at n questions -> n (h / 0.03)^2 for ±3 points
+    assert long.questions_for_halfwidth({"ci_low": -0.1, "ci_high": 0.2}, 16) == 16 * 25  # h = 0.15
+    assert long.questions_for_halfwidth({"ci_low": 0.0, "ci_high": 0.06}, 64) == 64
+    assert long.questions_for_halfwidth(None, 16) is None
+    c = comp["vs_ttrl-lr0.0001/final"]
+    half = 100 * (c["ci_high"] - c["ci_low"]) / 2
+    row = next(line for line in (tmp_path / "t" / "summary.md").read_text().splitlines()
+               if line.startswith("| spine-lr0.0001 | vs_ttrl-lr0.0001/final"))
+    assert f"| {half:.1f} | {long.questions_for_halfwidth(c, 4)} |" in row
 
 
 def test_real_sets_are_read_from_the_shared_layout(tmp_path, monkeypatch):
