@@ -6,9 +6,12 @@ so the CLI loads it with ``--model DIR`` exactly as it would a hub model:
 - ``qwen2_vl``: ``Qwen2VLForConditionalGeneration`` (M-RoPE, 3-D positions) with a
   ``Qwen2VLProcessor`` (PIL image processor, 28 x 28 patches merged 2 x 2);
 - ``llava``: ``LlavaForConditionalGeneration`` (CLIP vision tower, Llama text model, 1-D
-  positions) with a ``LlavaProcessor``.
+  positions) with a ``LlavaProcessor``;
+- ``idefics3``: ``Idefics3ForConditionalGeneration`` (SmolVLM's architecture: SigLIP tower, pixel
+  shuffle, the language model at ``model.text_model``; pixel inputs (1, images, 3, H, W) per prompt)
+  with an ``Idefics3Processor``.
 
-Both share a byte-level tokenizer built in memory (256 byte tokens, no merges) with the special
+All share a byte-level tokenizer built in memory (256 byte tokens, no merges) with the special
 tokens each family's chat template and processor need.
 """
 
@@ -113,13 +116,59 @@ def llava_processor(tokenizer):
                           image_token="<image>", num_additional_image_tokens=1)
 
 
-FAMILIES = {"qwen2_vl": (tiny_qwen2_vl, qwen2_vl_processor), "llava": (tiny_llava, llava_processor)}
+IDEFICS3_TOKENS = (["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]
+                   + [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)])
+
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def idefics3_tokenizer():
+    """The byte tokenizer plus Idefics3's image tokens (its processor looks them up)."""
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
+    return tok
+
+
+def tiny_idefics3(tokenizer, seed: int = 0):
+    """An Idefics3 (SmolVLM's architecture): a 1-layer SigLIP tower on 32 x 32 images (16 patches, pixel
+    shuffle 2 -> 4 image tokens), a 2-layer Llama as ``model.text_model``."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = LlamaConfig(**_text_sizes(len(tokenizer)), eos_token_id=ids("<end_of_utterance>"), pad_token_id=ids("<pad>"))
+    config = Idefics3Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=32, patch_size=8),
+                            text_config=text.to_dict(), scale_factor=2, image_token_id=ids("<image>"),
+                            tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return Idefics3ForConditionalGeneration(config).eval()
+
+
+def idefics3_processor(tokenizer):
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    images = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                       max_image_size={"longest_edge": 32})
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                             chat_template=IDEFICS3_TEMPLATE)
+
+
+FAMILIES = {"qwen2_vl": (tiny_qwen2_vl, qwen2_vl_processor), "llava": (tiny_llava, llava_processor),
+            "idefics3": (tiny_idefics3, idefics3_processor)}
+TOKENIZERS = {"idefics3": idefics3_tokenizer}
 
 
 def build_tiny_vlm(family: str, seed: int = 0):
     """``(model, processor)`` of one tiny family (see :data:`FAMILIES`)."""
     make_model, make_processor = FAMILIES[family]
-    tokenizer = byte_tokenizer()
+    tokenizer = TOKENIZERS.get(family, byte_tokenizer)()
     return make_model(tokenizer, seed), make_processor(tokenizer)
 
 

@@ -125,12 +125,25 @@ def save_processor(processor, out) -> None:
         processor.tokenizer.save_pretrained(out)
 
 
+def language_model_name(model) -> str:
+    """The qualified module name of an image-text model's language model (its ``get_decoder()``:
+    ``model.language_model`` in Qwen2-VL and LLaVA, ``model.text_model`` in Idefics3/SmolVLM)."""
+    m = unwrap_model(model)
+    decoder = m.get_decoder() if hasattr(m, "get_decoder") else None
+    names = [n for n, mod in m.named_modules() if mod is decoder and n]
+    names += [n for n, _ in m.named_modules() if n.rsplit(".", 1)[-1] in ("language_model", "text_model")]
+    if not names:
+        raise ValueError(f"cannot find the language model inside {type(m).__name__} (no get_decoder())")
+    return names[0]
+
+
 def language_model_linears(model, targets: str | list[str]) -> list[str]:
     """Full names of the language model's ``nn.Linear`` modules matching ``targets`` ("all-linear" or
     module-name suffixes): LoRA goes on the language model only, never on the vision tower or head."""
     names = []
+    prefix = language_model_name(model) + "."
     for name, module in unwrap_model(model).named_modules():
-        if not isinstance(module, torch.nn.Linear) or "language_model" not in name.split("."):
+        if not isinstance(module, torch.nn.Linear) or not name.startswith(prefix):
             continue
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
             names.append(name)
@@ -143,9 +156,9 @@ def freeze_outside_language_model(model) -> int:
     """Fix every parameter outside the language model and the LM head (vision tower, projector);
     returns how many parameters were frozen."""
     frozen = 0
+    prefix = language_model_name(model) + "."
     for name, p in unwrap_model(model).named_parameters():
-        parts = name.split(".")
-        if "language_model" not in parts and parts[0] != "lm_head":
+        if not name.startswith(prefix) and name.split(".")[0] != "lm_head":
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
@@ -260,11 +273,18 @@ def uses_mrope(model) -> bool:
 
 def cat_pixels(prompts, device) -> dict:
     """The pixel inputs of ``prompts`` (one per row, in row order) concatenated along dim 0, as the
-    models expect a batch's images (Qwen2-VL: patches and ``image_grid_thw``; LLaVA: images)."""
+    models expect a batch's images (Qwen2-VL: patches and ``image_grid_thw``; LLaVA: images).
+
+    Idefics3/SmolVLM give each prompt a (1, images, 3, H, W) block (and a (1, images, H, W) mask):
+    prompts with fewer images are zero-padded along dim 1 first, as its processor pads a batch
+    (the model drops all-zero images)."""
     keys = [k for p in prompts for k in p.pixels]
     out = {}
     for k in dict.fromkeys(keys):
         parts = [p.pixels[k] for p in prompts if k in p.pixels]
+        if parts[0].dim() >= 3 and len({x.shape[1] for x in parts}) > 1:
+            n = max(x.shape[1] for x in parts)
+            parts = [torch.cat([x, x.new_zeros((x.shape[0], n - x.shape[1], *x.shape[2:]))], dim=1) for x in parts]
         out[k] = torch.cat(parts, dim=0).to(device)
     return out
 

@@ -29,7 +29,7 @@ SMALL = ["--engine", "trl", "--data", "shapes:4:0", "--questions-per-step", "2",
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("trl-vlm")
-    return {f: save_tiny_vlm(f, root / f) for f in ("qwen2_vl", "llava")}
+    return {f: save_tiny_vlm(f, root / f) for f in ("qwen2_vl", "llava", "idefics3")}
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -43,13 +43,14 @@ def _weights(path, prefix_words):
     return {n: p.detach().clone() for n, p in model.named_parameters() if any(w in n for w in prefix_words)}
 
 
-VISION = ("visual", "vision_tower", "multi_modal_projector")
+VISION = ("visual", "vision_tower", "multi_modal_projector", "vision_model", "connector")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family, extra, vision_moves", [
     ("qwen2_vl", ["--preset", "spine", "--lora-r", "4"], False),
     ("llava", ["--preset", "ttrl", "--no-freeze-vision"], True),
+    ("idefics3", ["--preset", "spine", "--lora-r", "4"], False),
 ])
 def test_trl_engine_adapts_a_vision_language_model(models, tmp_path, family, extra, vision_moves):
     out = tmp_path / "run"
@@ -64,7 +65,7 @@ def test_trl_engine_adapts_a_vision_language_model(models, tmp_path, family, ext
     assert start and start.keys() == end.keys()
     moved = any(not torch.equal(start[n], end[n]) for n in start)
     assert moved == vision_moves  # frozen by default; trainable, it learns through the pixels in TRL's loss
-    language = ("language_model", "lm_head")
+    language = ("language_model", "text_model", "lm_head")
     a, b = _weights(models[family], language), _weights(out / "final", language)
     assert any(not torch.equal(a[n], b[n]) for n in a)
 

@@ -22,7 +22,7 @@ from spine_ttrl.vision import ImagePrompt, VisionBatch, VisionSampler, encode_im
 from tests.tiny_vlm import build_tiny_vlm  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FAMILIES = ["qwen2_vl", "llava"]
+FAMILIES = ["qwen2_vl", "llava", "idefics3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -69,7 +69,7 @@ def test_shared_prefill_equals_the_plain_pass_values_and_gradients(vlm, G):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    vision_grads = [p.grad for n, p in model.named_parameters() if "visual" in n or "vision_tower" in n]
+    vision_grads = [p.grad for n, p in model.named_parameters() if any(w in n for w in ("visual", "vision_tower", "vision_model"))]
     assert any(v is not None and v.abs().sum() > 0 for v in vision_grads)  # the image really flowed in
 
 
@@ -128,3 +128,30 @@ def test_tree_rollout_branches_see_the_image(vlm):
         _, ent_other, _ = score_completions(model, build_training_batch(other, completions, pad_id=0),
                                             list(range(2 * L)), temperature=1.0, chunk_size=4)
     assert (ent_other[mask] - ent[mask]).abs().max() > 2e-5
+
+
+def test_idefics3_prompts_with_different_image_counts_batch_as_alone():
+    """Idefics3/SmolVLM: a prompt with two images and one with one share a batch (its (1, images, 3,
+    H, W) blocks zero-padded to two) and sample as each does alone; scoring them in one pass
+    gives each row's log-probs of its own pass."""
+    model, processor = build_tiny_vlm("idefics3", seed=2)
+    examples = load_examples("shapes:2:3")
+    one = encode_image_prompt(processor, build_messages(examples[0], "choice"), examples[0].images)
+    two = encode_image_prompt(processor, build_messages(examples[1], "choice"), examples[0].images + examples[1].images)
+    assert one.pixels["pixel_values"].shape[1] == 1 and two.pixels["pixel_values"].shape[1] == 2
+    sampler = _sampler(model, processor)
+    params = SamplingParams(num_samples=2, max_new_tokens=5, temperature=0.0)
+    together = sampler.generate([one, two], params)
+    for i, p in enumerate((one, two)):
+        alone = sampler.generate([p], params)
+        width = alone.completion_ids.shape[1]
+        assert torch.equal(together.completion_ids[2 * i:2 * i + 2, :width], alone.completion_ids)
+    g = torch.Generator().manual_seed(0)
+    completions = [torch.randint(0, 256, (4,), generator=g).tolist() for _ in range(2)]
+    with torch.no_grad():
+        both, _, _ = score_completions(model, build_training_batch([one, two], completions, pad_id=0), [0, 1],
+                                       temperature=1.0, chunk_size=4)
+        for i, p in enumerate((one, two)):
+            own, _, _ = score_completions(model, build_training_batch([p], [completions[i]], pad_id=0), [0],
+                                          temperature=1.0, chunk_size=4)
+            torch.testing.assert_close(both[i, :4], own[0, :4], atol=1e-5, rtol=1e-5)
