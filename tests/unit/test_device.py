@@ -67,4 +67,3 @@ def test_generators_and_batches_follow_the_engine_device():
     assert g.device == torch.device("cpu")
     # the same stream as the former CPU generator: the CPU path is unchanged
     assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=torch.Generator().manual_seed(7)))
-

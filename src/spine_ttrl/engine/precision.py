@@ -109,4 +109,3 @@ def cache_frozen_casts(model, dtype: torch.dtype | None):
     finally:
         for p in frozen:
             p.requires_grad_(False)
-
