@@ -7,7 +7,8 @@ With Qwen2.5-0.5B (fp32, LoRA r 16, 16 rows of ≈ 470 tokens, 4 per micro-batch
 update's peak resident memory was 12.0–13.7 GiB with glibc's default, 9.3 GiB with a fixed 8 MiB
 threshold and 7.1 GiB with 1 MiB, and the process kept 11.4–12.7, 6.6 and 2.9–3.0 GiB afterwards;
 the price is time, the page faults of fresh memory: the update took 313–316 s, 342 s and 359–364 s,
-sampling 7 % longer at 1 MiB. ``run.mmap_threshold_mb`` (default 1) sets it for CPU runs.
+sampling 7 % longer at 1 MiB (``bench/memory.py``). ``run.mmap_threshold_mb`` (default 1) sets it
+for CPU runs.
 """
 
 from __future__ import annotations
