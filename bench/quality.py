@@ -7,8 +7,9 @@ evaluation settings). One base evaluation (the unadapted model) is shared by all
 Layout, under ``bench/results/quality/<tag>/`` (``--tag`` names one experiment):
 
 - ``base.json``: the base evaluation (metrics and one record per question);
-- ``<method>-lr<lr>-s<seed>/``: the adaptation run directory (checkpoint every step, so an
-  interrupted run resumes from its last step);
+- the adaptation run directory, ``<runs root>/<tag>/<method>-lr<lr>-s<seed>/`` (``--runs-root``, by
+  default ``~/.cache/spine-ttrl/bench/quality``, outside the work tree so that it outlives a checkout;
+  a checkpoint every step, so an interrupted run resumes from its last step);
 - ``<method>-lr<lr>-s<seed>.json``: the finished run (evaluation metrics and records, per-step
   metrics, wall time). A run whose JSON exists is skipped: re-running the command resumes a sweep;
 - ``summary.json``, ``summary.md``, ``curves.png``: written by every invocation from the files present
@@ -95,7 +96,9 @@ def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
     out_json = tag_dir / f"{name}.json"
     if out_json.exists():
         return out_json
-    run_dir = tag_dir / name
+    run_dir = tag_dir / name  # older sweeps kept their run directories in the work tree
+    if not (run_dir / "config.toml").exists():
+        run_dir = Path(args.runs_root).expanduser() / tag_dir.name / name
     cfg = base_config(args, method, seed, lr, run_dir)
     if (run_dir / "config.toml").exists():
         cfg.run.resume, cfg.run.out = str(run_dir), ""
@@ -656,6 +659,8 @@ def main() -> None:
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--lora-r", type=int, default=0)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--runs-root", default="~/.cache/spine-ttrl/bench/quality",
+                    help="where the run directories (checkpoints, logs) live; results go to bench/results/quality")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--set", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
