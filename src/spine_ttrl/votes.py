@@ -42,11 +42,28 @@ class StepVotes:
              "vote/majority_ratio": mean([v.ratio for v in self.votes]),
              "vote/parsed_fraction": sum(a is not None for a in self.answers) / len(self.answers),
              "questions/skipped": float(self.skipped)}
-        for key, hits in (("vote/label_accuracy", self.label_hits), ("reward/accuracy", self.reward_hits),
-                          ("vote/sample_accuracy", self.sample_hits)):
-            if hits:
-                m[key] = mean(hits)
+        m.update(hit_metrics(self.label_hits, self.reward_hits, self.sample_hits))
         return m
+
+
+def label_hits(answers: Sequence[str | None], label: str, vote_label: str | None,
+               rewards: Sequence[float] | None, task: str) -> tuple[list[float], float | None, list[float]]:
+    """One question's label diagnostics (labels never enter the reward): ``truth`` = 1 for each vote
+    equivalent to ``label`` (None = unparsed = 0); the majority's hit, 1 if ``vote_label`` is
+    equivalent to ``label`` (None when nothing was voted); and, for binary ``rewards`` only, 1 for
+    each vote whose reward equals its truth. Example: answers ("3", "3", "5"), label "3", vote "3",
+    rewards (1, 1, 0) -> ([1, 1, 0], 1.0, [1, 1, 1])."""
+    truth = [float(a is not None and is_equivalent(a, label, task)) for a in answers]
+    hit = None if vote_label is None else float(is_equivalent(vote_label, label, task))
+    binary = rewards is not None and all(r in (0.0, 1.0) for r in rewards)
+    return truth, hit, [float(r == t) for r, t in zip(rewards, truth)] if binary else []
+
+
+def hit_metrics(label: Sequence[float], reward: Sequence[float], sample: Sequence[float]) -> dict[str, float]:
+    """``vote/label_accuracy``, ``reward/accuracy``, ``vote/sample_accuracy``: the mean of each list
+    of hits (:func:`label_hits`), a key left out when its list is empty."""
+    return {key: sum(hits) / len(hits) for key, hits in (("vote/label_accuracy", label), ("reward/accuracy", reward),
+                                                          ("vote/sample_accuracy", sample)) if hits}
 
 
 def vote_and_reward(texts: Sequence[str], labels: Sequence[str | None], *, num_votes: int, num_train: int,
@@ -71,18 +88,17 @@ def vote_and_reward(texts: Sequence[str], labels: Sequence[str | None], *, num_v
         ans = [out.answers[r] for r in rows]
         vote = majority_vote(ans, task)
         out.votes.append(vote)
-        truth = None
+        rewards = None
+        if vote.label is not None:
+            rewards = reward_fn(ans, task) if embed is None else reward_fn(ans, embed([texts[r] for r in rows]), task)
         if label is not None:
-            truth = [float(a is not None and is_equivalent(a, label, task)) for a in ans]
+            truth, hit, reward_hits = label_hits(ans, label, vote.label, rewards, task)
             out.sample_hits.extend(truth)
-            if vote.label is not None:
-                out.label_hits.append(float(is_equivalent(vote.label, label, task)))
+            out.label_hits.extend([] if hit is None else [hit])
+            out.reward_hits.extend(reward_hits)
         if vote.label is None:
             out.skipped += 1
             continue
-        rewards = reward_fn(ans, task) if embed is None else reward_fn(ans, embed([texts[r] for r in rows]), task)
-        if truth is not None and all(r in (0.0, 1.0) for r in rewards):
-            out.reward_hits.extend(float(r == t) for r, t in zip(rewards, truth))
         pick = torch.randperm(num_votes, generator=generator)[:num_train].sort().values.tolist()
         out.keep_rows.extend(rows[i] for i in pick)
         out.rewards.extend(rewards[i] for i in pick)

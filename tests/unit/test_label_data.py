@@ -75,3 +75,15 @@ def test_vote_extracts_with_each_questions_labels():
     assert votes.answers == ["good", "good", "bad", "up", "down", None]  # "yes" is not a label of question 2
     assert [v.label for v in votes.votes] == ["good", "up"]
     assert votes.metrics()["vote/label_accuracy"] == 1.0
+
+
+def test_label_hits_and_hit_metrics_by_hand():
+    from spine_ttrl.votes import hit_metrics, label_hits
+
+    assert label_hits(["3", "3", "5"], "3", "3", [1.0, 1.0, 0.0], "math") == ([1.0, 1.0, 0.0], 1.0, [1.0, 1.0, 1.0])
+    # the majority wrong: rewards [1, 0, 1] vs truth [0, 1, 0]; unparsed votes are wrong
+    assert label_hits(["7", "2", None], "2", "7", [1.0, 0.0, 1.0], "math") == ([0.0, 1.0, 0.0], 0.0, [0.0, 0.0, 0.0])
+    assert label_hits([None, None], "2", None, None, "math") == ([0.0, 0.0], None, [])  # nothing voted
+    assert label_hits(["3", "5"], "3", "3", [0.5, 0.5], "math")[2] == []  # frequency-like rewards: no reward hits
+    assert hit_metrics([1.0, 0.0], [], [1.0, 1.0, 0.0, 1.0]) == {"vote/label_accuracy": 0.5,
+                                                                "vote/sample_accuracy": 0.75}

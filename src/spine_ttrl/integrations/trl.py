@@ -109,10 +109,11 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..answers import TASKS, extract_answer, is_equivalent, majority_vote
+from ..answers import TASKS, extract_answer, majority_vote
 from ..losses import BANDS, band_penalty, kl_penalty, policy_loss
 from ..rewards import REWARDS
 from ..selection import SELECTIONS
+from ..votes import hit_metrics, label_hits
 
 # The public API. The pure helpers below (vote_groups, gathered_group_rewards, SUPPORTED_LOSS_TYPES)
 # are importable for tests and other adapters but not part of it.
@@ -284,34 +285,26 @@ def kept_vote_rewards(votes: Sequence[tuple[int, int, str | None]], plan: VotePl
 
 def label_metrics(groups: Sequence[Sequence[str | None]], labels: Sequence[str | None], reward: str = "majority",
                   task: str = "math") -> dict[str, float]:
-    """The built-in engine's label diagnostics (:class:`spine_ttrl.votes.StepVotes`), from each
-    group's votes (all of them, extracted answers) and its reference answer (None = none).
+    """The built-in engine's label diagnostics (:func:`spine_ttrl.votes.label_hits`, averaged by
+    :func:`spine_ttrl.votes.hit_metrics`), from each group's votes (all of them, extracted answers)
+    and its reference answer (None = none).
 
     ``vote/sample_accuracy`` = share of the votes equivalent to their group's label;
     ``vote/label_accuracy`` = share of the voted groups (a majority exists) whose majority is;
     ``reward/accuracy`` = share of those groups' votes whose reward equals that truth (binary
     rewards only). Keys without data are left out. Labels never enter the reward.
     """
-    fn = REWARDS[reward]
-    label_hits, sample_hits, reward_hits = [], [], []
+    hits: tuple[list, list, list] = ([], [], [])  # label, reward, sample
     for answers, label in zip(groups, labels):
         if label is None:
             continue
-        truth = [float(a is not None and is_equivalent(a, label, task)) for a in answers]
-        sample_hits.extend(truth)
         vote = majority_vote(list(answers), task=task)
-        if vote.label is None:
-            continue
-        label_hits.append(float(is_equivalent(vote.label, label, task)))
-        rewards = [float(r) for r in fn(list(answers), task=task)]
-        if all(r in (0.0, 1.0) for r in rewards):
-            reward_hits.extend(float(r == t) for r, t in zip(rewards, truth))
-    out = {}
-    for key, hits in (("vote/label_accuracy", label_hits), ("reward/accuracy", reward_hits),
-                      ("vote/sample_accuracy", sample_hits)):
-        if hits:
-            out[key] = sum(hits) / len(hits)
-    return out
+        rewards = None if vote.label is None else [float(r) for r in REWARDS[reward](list(answers), task=task)]
+        truth, hit, reward_hits = label_hits(answers, label, vote.label, rewards, task)
+        hits[0].extend([] if hit is None else [hit])
+        hits[1].extend(reward_hits)
+        hits[2].extend(truth)
+    return hit_metrics(*hits)
 
 
 def vote_lists(answers: Sequence, group_size: int, plan: VotePlan | None = None) -> list[list]:
