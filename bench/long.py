@@ -120,14 +120,15 @@ def load_run(run: Path) -> dict:
     cfg = load_toml(run / "config.toml")
     n_q = None
     evals = _jsonl(run / "eval.jsonl")
-    per_q = {}
+    per_q, sources = {}, {}
     for rec in _jsonl(run / "eval_records.jsonl"):
         ids = [r["id"] for r in rec["records"]]
         per_q[rec["tag"]] = dict(zip(ids, [float(r.get("greedy_correct", False)) for r in rec["records"]]))
+        sources.update({r["id"]: r.get("source", "") for r in rec["records"]})
         n_q = len(ids)
     per_episode = episode_steps(n_q or 1, cfg["optim"]["questions_per_step"])
     return {"config": cfg, "metrics": _jsonl(run / "metrics.jsonl"), "evals": evals, "per_question": per_q,
-            "per_episode": per_episode, "finished": (run / "done").exists()}
+            "sources": sources, "per_episode": per_episode, "finished": (run / "done").exists()}
 
 
 def episode_of(step: int, per_episode: int) -> float:
@@ -186,6 +187,21 @@ def _question_vector(runs: list[dict], episode: float) -> np.ndarray | None:
     return np.mean(np.array(vecs), axis=0)
 
 
+def source_curves(runs: list[dict], episodes: list[float]) -> dict[str, list[float]]:
+    """Greedy pass@1 per data source (the data's ``source`` column) at each of ``episodes``, seeds
+    averaged; {} when the questions come from fewer than two sources."""
+    sources = runs[0].get("sources", {}) if runs else {}
+    names = sorted({s for s in sources.values() if s})
+    if len(names) < 2:
+        return {}
+    out = {}
+    for name in names:
+        ids = sorted(i for i, s in sources.items() if s == name)
+        out[name] = [float(np.mean([np.mean([r["per_question"][_tag_at(r, e)][i] for i in ids]) for r in runs]))
+                     if all(_tag_at(r, e) for r in runs) else float("nan") for e in episodes]
+    return out
+
+
 def summarise_key(runs: list[dict]) -> dict:
     """Curves and episode statistics of one run key, seeds averaged."""
     curves = [dict(greedy_curve(r)) for r in runs]
@@ -211,7 +227,8 @@ def summarise_key(runs: list[dict]) -> dict:
     before = _question_vector(runs, 0.0) if 0.0 in episodes else None
     return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "episodes": episodes, "greedy": greedy,
             "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
-            "series": series, "sampled": sampled, "questions": 0 if before is None else len(before)}
+            "series": series, "sampled": sampled, "questions": 0 if before is None else len(before),
+            "by_source": source_curves(runs, episodes)}
 
 
 def load_tag(tag: str) -> dict[str, list[dict]]:
@@ -301,6 +318,15 @@ def render(out: dict) -> str:
     lines += ["", "Greedy pass@1 per evaluated episode:", ""]
     for k, s in out["keys"].items():
         lines.append(f"- {k}: " + ", ".join(f"ep{_f(e, 0)} {_f(v)}" for e, v in zip(s["episodes"], s["greedy"])))
+    by_source = [(k, s) for k, s in out["keys"].items() if s.get("by_source")]
+    if by_source:
+        lines += ["", "Greedy pass@1 per data source (the data's `source` column), before → final (best episode):", "",
+                  "| run key | source | before | final | best |", "|---|---|---|---|---|"]
+        for k, s in by_source:
+            for name, curve in s["by_source"].items():
+                g = dict(zip(s["episodes"], curve))
+                lines.append(f"| {k} | {name} | {_f(g.get(0.0))} | {_f(g.get(s['final_episode']))} | "
+                             f"{_f(g.get(s['best_episode']))} |")
     return "\n".join(lines) + "\n"
 
 

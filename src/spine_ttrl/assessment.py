@@ -67,12 +67,14 @@ def evaluate_prompts(
     - ``greedy_parsed_rate``: share of greedy completions with an extractable answer.
     - ``majority_ratio``: mean share of the k votes held by the majority answer (label-free).
     - ``distinct_answers``: mean number of distinct answer clusters among the k samples.
+    - ``source/<s>/...``: greedy pass@1, avg@k and maj@k per data source, when the examples come
+      from two or more (:func:`source_metrics`); each record then carries its ``source``.
 
     Sampling uses its own generator seeded with ``seed``, so two evaluations with the same
     seed (before and after adaptation) draw the same random stream: a paired comparison.
     """
     metrics: dict[str, float] = {"questions": float(len(examples))}
-    records = [{"id": ex.id, "label": ex.answer} for ex in examples]
+    records = [{"id": ex.id, "label": ex.answer, **({"source": ex.source} if ex.source else {})} for ex in examples]
     label_sets = [ex.labels or DEFAULT_LABELS for ex in examples]  # task "label": what each answer may be
     prompts = [p if isinstance(p, list) else list(p) for p in prompt_ids]  # a list subclass keeps its images
     if greedy and examples:
@@ -83,7 +85,37 @@ def evaluate_prompts(
         gen = torch.Generator(device=getattr(sampler, "device", "cpu")).manual_seed(seed)
         roll = sampler.generate(prompts, replace(params, return_entropy=False), generator=gen, progress=progress)
         _sampled_metrics(roll, records, metrics, task, params.num_samples, label_sets)
+    metrics.update(source_metrics(records, params.num_samples))
     return EvalResult(metrics=metrics, records=records)
+
+
+def source_metrics(records: Sequence[dict], k: int) -> dict[str, float]:
+    """Accuracy per data source, when the questions come from two or more (a ``source`` column).
+
+    For each source s with questions Q_s (records whose ``source`` is s; "/" in s becomes "-"):
+    ``source/<s>/questions`` = |Q_s|, and over the labelled questions of Q_s, with their standard
+    errors (``_se``): ``source/<s>/greedy_pass@1`` = mean of ``greedy_correct``,
+    ``source/<s>/avg@k`` = mean of ``samples_correct`` / k, ``source/<s>/maj@k`` = mean of
+    ``maj_correct``. A metric is left out where no record of s has its field. One source or none:
+    {} (the overall metrics already are that source's).
+
+    Args:
+        records: :func:`evaluate_prompts` records (one per question).
+        k: samples per question of the sampled evaluation (0 = greedy only).
+    """
+    sources = sorted({r["source"] for r in records if r.get("source")})
+    if len(sources) < 2:
+        return {}
+    out: dict[str, float] = {}
+    for s in sources:
+        group = [r for r in records if r.get("source") == s]
+        name = f"source/{s.replace('/', '-')}/"
+        out[name + "questions"] = float(len(group))
+        _add(out, name + "greedy_pass@1", [float(r["greedy_correct"]) for r in group if "greedy_correct" in r])
+        if k > 0:
+            _add(out, name + f"avg@{k}", [r["samples_correct"] / k for r in group if "samples_correct" in r])
+            _add(out, name + f"maj@{k}", [float(r["maj_correct"]) for r in group if "maj_correct" in r])
+    return out
 
 
 def _greedy_metrics(roll, records: list[dict], metrics: dict, task: str, label_sets: list) -> None:

@@ -24,6 +24,10 @@ labels     ``labels``                                                   list of 
                                                                         set of ``task=label``
 id         ``id``, ``ID``                                               string or int; default
                                                                         ``<file-stem>:<index>``
+source     ``source``                                                   string or int, optional: the set
+                                                                        a question comes from; with two
+                                                                        or more, evaluation metrics are
+                                                                        also given per source
 =========  ==========================================================  =================================
 
 Answers are used only for evaluation and diagnostics, never in the training reward (TTRL protocol,
@@ -79,6 +83,7 @@ ANSWER_FIELDS = ("answer", "target", "Answer")
 CHOICES_FIELD = "choices"
 LABELS_FIELD = "labels"
 ID_FIELDS = ("id", "ID")
+SOURCE_FIELD = "source"
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv")
 SUPPORTED_INPUTS = (
@@ -438,10 +443,16 @@ def _example_from_record(record: Any, where: str, default_id: str) -> Example:
             raise DataError(f"{where}: field '{id_field}': expected a string or integer, got {_type_name(raw_id)}")
         if str(raw_id).strip():
             example_id = str(raw_id).strip()
+    source = ""
+    raw_source = record.get(SOURCE_FIELD)
+    if raw_source is not None and not (isinstance(raw_source, float) and math.isnan(raw_source)):
+        if isinstance(raw_source, bool) or not isinstance(raw_source, (str, int)):
+            raise DataError(f"{where}: field '{SOURCE_FIELD}': expected a string or integer, got {_type_name(raw_source)}")
+        source = str(raw_source).strip()
     if labels and answer is not None and answer.strip().lower() not in {x.lower() for x in labels}:
         raise DataError(f"{where}: field '{answer_field}': answer {answer!r} is not one of the labels "
                         f"({', '.join(labels)})")
-    return Example(prompt=prompt, answer=answer, choices=choices, id=example_id, labels=labels)
+    return Example(prompt=prompt, answer=answer, choices=choices, id=example_id, labels=labels, source=source)
 
 
 def _expect_str(value: Any, where: str, field: str) -> str:

@@ -24,6 +24,7 @@ class Example:
     id: str = ""
     labels: tuple[str, ...] | None = None  # task "label": the question's label set (None = yes / no / maybe)
     images: tuple = ()  # checked image sources (absolute path strings or PNG/JPEG bytes), see spine_ttrl.images
+    source: str = ""  # the set the question comes from (a ``source`` column): evaluation is broken down by it
 
 
 class DataError(ValueError):

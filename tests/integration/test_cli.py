@@ -90,3 +90,28 @@ def test_cli_smoke_real_run(tmp_path):
     if sys.platform == "linux":  # the step's peak resident memory: at least the 135M model's fp32 weights
         (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert 0.5 < step["memory/peak_rss_gb"] < 24
+
+
+def test_eval_breaks_down_by_source(tmp_path):
+    """A file mixing two sets: eval.jsonl has metrics per source, each record its source, report.md the rows."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny_text import save_tiny_model, write_jsonl
+
+    model = save_tiny_model(tmp_path / "model")
+    rows = [{"prompt": f"what is {a} plus {b}", "answer": str(a + b), "source": s}
+            for (a, b), s in zip([(1, 2), (3, 4), (5, 1), (2, 2), (1, 1)], ["gsm8k", "gsm8k", "gsm8k", "svamp", "svamp"])]
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(model), "--data", str(write_jsonl(tmp_path / "mixed.jsonl", rows)),
+                 "--eval-samples", "2", "--eval-max-new-tokens", "4", "--no-progress", "--threads", "1",
+                 "--out", str(out)]) == 0
+    (ev,) = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    (rec,) = [json.loads(line) for line in (out / "eval_records.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rec["records"]] == [r["source"] for r in rows]
+    assert ev["eval/source/gsm8k/questions"] == 3 and ev["eval/source/svamp/questions"] == 2
+    for s in ("gsm8k", "svamp"):  # each equals the mean over that source's records
+        mine = [r for r in rec["records"] if r["source"] == s]
+        assert ev[f"eval/source/{s}/greedy_pass@1"] == pytest.approx(sum(r["greedy_correct"] for r in mine) / len(mine))
+        assert ev[f"eval/source/{s}/avg@2"] == pytest.approx(sum(r["samples_correct"] for r in mine) / 2 / len(mine))
+    assert "source/svamp/greedy_pass@1" in (out / "report.md").read_text()

@@ -422,7 +422,7 @@ def test_long_stop_rule_and_episode_means():
     assert long.episode_steps(16, 4) == 4 and long.episode_steps(17, 4) == 5
 
 
-def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "q2", "q3")):
+def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "q2", "q3"), sources=None):
     import json
 
     d = tmp / name
@@ -433,7 +433,8 @@ def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "
         tag = "before" if step == 0 else f"step{step}"
         evals.append({"tag": tag, "step": step, "eval/greedy_pass@1": sum(correct) / len(correct)})
         recs.append({"tag": tag, "step": step,
-                     "records": [{"id": i, "greedy_correct": bool(c)} for i, c in zip(ids, correct)]})
+                     "records": [{"id": i, "greedy_correct": bool(c), **({"source": sources[j]} if sources else {})}
+                                 for j, (i, c) in enumerate(zip(ids, correct))]})
     for s in range(1, max(greedy_by_step) + 1):
         metrics.append({"step": s, "vote/majority_ratio": 0.5, "entropy/forking_mean": 1.0,
                         "completion/length_mean": 100.0})
@@ -517,3 +518,21 @@ def test_every_preset_is_a_quality_method_and_neighbours_are_compared(tmp_path):
     assert c["ttrv-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.5)
     assert c["ttrv-lr0.0001 - base"]["greedy"]["diff"] == pytest.approx(0.75)
     assert "ttrl-lr0.0001 - ttrv-lr0.0001" not in c
+
+
+def test_long_summary_breaks_greedy_down_by_source(tmp_path, monkeypatch):
+    long = _long()
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    (tmp_path / "t").mkdir()
+    src = ("gsm8k", "svamp", "gsm8k", "svamp")
+    _fake_run(tmp_path / "t", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 0], 4: [1, 1, 0, 1]}, sources=src)
+    _fake_run(tmp_path / "t", "ttrl-lr0.0001-s1", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1], 4: [1, 0, 0, 1]}, sources=src)
+    out = long.summary("t")
+    by = out["keys"]["ttrl-lr0.0001"]["by_source"]
+    # gsm8k = q0, q2; svamp = q1, q3; seeds averaged
+    assert by["gsm8k"] == pytest.approx([0.5, 1.0, 0.5])
+    assert by["svamp"] == pytest.approx([0.0, 0.75, 0.75])
+    md = (tmp_path / "t" / "summary.md").read_text()
+    assert "| ttrl-lr0.0001 | svamp | 0.000 | 0.750 | 0.750 |" in md
+    _fake_run(tmp_path / "t", "spine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 0]})  # no source column
+    assert long.summary("t")["keys"]["spine-lr0.0001"]["by_source"] == {}

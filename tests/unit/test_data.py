@@ -345,3 +345,18 @@ def test_limit_prompt_length_error_and_no_limit():
         limit_prompt_length(EXS, LENS, 40, "drop")
     with pytest.raises(ValueError):
         limit_prompt_length(EXS, LENS[:2], 40)
+
+
+def test_source_column(tmp_path):
+    rows = [{"prompt": "a", "answer": "1", "source": " gsm8k "}, {"prompt": "b", "source": 3},
+            {"prompt": "c"}, {"prompt": "d", "source": None}]
+    p = write(tmp_path / "s.jsonl", "\n".join(json.dumps(r) for r in rows))
+    assert [ex.source for ex in load_examples(p)] == ["gsm8k", "3", "", ""]
+    csv_path = write(tmp_path / "s.csv", "prompt,answer,source\nq1,1,svamp\nq2,2,\n")
+    assert [ex.source for ex in load_examples(csv_path)] == ["svamp", ""]
+
+
+def test_bad_source_is_one_line(tmp_path):
+    p = write(tmp_path / "s.jsonl", json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "source": ["x"]}))
+    msg = load_error(p)
+    assert "s.jsonl:2" in msg and "field 'source'" in msg and "list" in msg
