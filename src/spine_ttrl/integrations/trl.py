@@ -500,16 +500,15 @@ class SpineGRPOTrainer(GRPOTrainer):
         plan, local = stash if mode == "train" and stash is not None else (
             None, [extract_answer(_completion_text(c), args.task) for c in completions])
         multi = self.accelerator.num_processes > 1
+        every = gather_object(list(local)) if multi else list(local)  # gathered once: the vote and the diagnostics
         rewards, ratios = gathered_group_rewards(
-            local, group, reward=args.reward, task=args.task,
-            gather=gather_object if multi else None,
+            every, group, reward=args.reward, task=args.task,
             broadcast=(lambda obj: broadcast_object_list(obj, from_process=0)) if multi else None,
             is_main=self.accelerator.is_main_process, plan=plan)
         self._metrics[mode]["vote/majority_ratio"].append(sum(ratios) / max(len(ratios), 1))
         self._metrics[mode]["reward/mean"].append(sum(rewards) / max(len(rewards), 1))
         if "answer" in inputs[0]:  # reference answers: diagnostics only, as in the built-in engine
             row_labels = [None if x.get("answer") is None else str(x["answer"]) for x in inputs]
-            every = gather_object(list(local)) if multi else list(local)
             row_labels = gather_object(row_labels) if multi else row_labels
             groups = vote_lists(every, group, plan)
             for key, value in label_metrics(groups, row_labels[::group], args.reward, args.task).items():
