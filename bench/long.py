@@ -194,11 +194,12 @@ def source_curves(runs: list[dict], episodes: list[float]) -> dict[str, list[flo
     names = sorted({s for s in sources.values() if s})
     if len(names) < 2:
         return {}
+    order = sorted(sources)  # the question order of _question_vector
+    vectors = [_question_vector(runs, e) for e in episodes]
     out = {}
     for name in names:
-        ids = sorted(i for i, s in sources.items() if s == name)
-        out[name] = [float(np.mean([np.mean([r["per_question"][_tag_at(r, e)][i] for i in ids]) for r in runs]))
-                     if all(_tag_at(r, e) for r in runs) else float("nan") for e in episodes]
+        idx = [j for j, i in enumerate(order) if sources[i] == name]
+        out[name] = [float("nan") if v is None else float(np.mean(v[idx])) for v in vectors]
     return out
 
 

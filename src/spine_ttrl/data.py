@@ -438,21 +438,22 @@ def _example_from_record(record: Any, where: str, default_id: str) -> Example:
     example_id = default_id
     id_field = next((f for f in ID_FIELDS if f in record), None)
     if id_field is not None and record[id_field] is not None:
-        raw_id = record[id_field]
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-            raise DataError(f"{where}: field '{id_field}': expected a string or integer, got {_type_name(raw_id)}")
-        if str(raw_id).strip():
-            example_id = str(raw_id).strip()
+        example_id = _str_or_int(record[id_field], where, id_field) or example_id
     source = ""
     raw_source = record.get(SOURCE_FIELD)
     if raw_source is not None and not (isinstance(raw_source, float) and math.isnan(raw_source)):
-        if isinstance(raw_source, bool) or not isinstance(raw_source, (str, int)):
-            raise DataError(f"{where}: field '{SOURCE_FIELD}': expected a string or integer, got {_type_name(raw_source)}")
-        source = str(raw_source).strip()
+        source = _str_or_int(raw_source, where, SOURCE_FIELD)
     if labels and answer is not None and answer.strip().lower() not in {x.lower() for x in labels}:
         raise DataError(f"{where}: field '{answer_field}': answer {answer!r} is not one of the labels "
                         f"({', '.join(labels)})")
     return Example(prompt=prompt, answer=answer, choices=choices, id=example_id, labels=labels, source=source)
+
+
+def _str_or_int(value: Any, where: str, field: str) -> str:
+    """A string or integer field (``id``, ``source``) as stripped text; anything else is a DataError."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{where}: field '{field}': expected a string or integer, got {_type_name(value)}")
+    return str(value).strip()
 
 
 def _expect_str(value: Any, where: str, field: str) -> str:
