@@ -69,10 +69,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if cfg.run.engine == "trl":
-            from .integrations.trl_adapt import adapt_trl as adapt
+            from .integrations.trl_adapt import adapt_trl, end_distributed
+
+            adapt_trl(cfg)
+            end_distributed()
         else:
             from .loop import adapt
-        adapt(cfg)
+
+            adapt(cfg)
     except (DataError, ValueError, FileNotFoundError, OSError, ImportError) as exc:
         if os.environ.get("SPINE_TTRL_DEBUG"):
             raise

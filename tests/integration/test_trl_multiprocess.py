@@ -233,6 +233,9 @@ for name, cfg in CONFIGS.items():
     results[name] = rec
 if int(os.environ["RANK"]) == 0:
     torch.save(results, os.path.join(sys.argv[1], f"exact_{world}.pt"))
+# the process group torn down before the interpreter, whose shutdown could otherwise abort a gloo thread
+from spine_ttrl.integrations.trl_adapt import end_distributed
+end_distributed()
 '''
 
 

@@ -525,3 +525,14 @@ def test_label_metrics_by_hand_and_as_the_built_in_engine():
     assert vote_lists([(1, 1, "b"), (0, 0, "x"), (1, 0, "a"), (0, 1, "y")], 2,
                       VotePlan(2, 2, ((0, 1), (0, 1)))) == [["x", "y"], ["a", "b"]]
     assert vote_lists(["a", "b", "c", "d"], 2) == [["a", "b"], ["c", "d"]]
+
+
+def test_end_distributed_tears_the_process_group_down(tmp_path):
+    """After a run, the CLI's teardown leaves no process group behind (a no-op when there is none)."""
+    from spine_ttrl.integrations.trl_adapt import end_distributed
+
+    end_distributed()  # nothing initialised: nothing to do
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    end_distributed()
+    assert not torch.distributed.is_initialized()

@@ -342,3 +342,15 @@ def _save_final(trainer, tokenizer, path: Path) -> None:
     if trainer.accelerator.is_main_process:
         save_final_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, path)
     trainer.accelerator.wait_for_everyone()
+
+
+def end_distributed() -> None:
+    """Tear the process group down once every process is done (no-op in a single process).
+
+    Without this, a torchrun worker can abort at interpreter exit ("terminate called without an
+    active exception") while gloo's threads are destroyed, and torchrun then reports the whole run
+    as failed even though rank 0 wrote its run directory.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
