@@ -67,8 +67,8 @@ import os
 from pathlib import Path
 Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
 Path(sys.argv[1], f"result-{result['rank']}.json").write_text(json.dumps(result))
-trainer.accelerator.wait_for_everyone()
-torch.distributed.destroy_process_group()
+from spine_ttrl.integrations.trl_adapt import end_distributed
+end_distributed()
 sys.stdout.flush(); sys.stderr.flush()
 os._exit(0)
 '''
