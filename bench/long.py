@@ -120,15 +120,17 @@ def load_run(run: Path) -> dict:
     cfg = load_toml(run / "config.toml")
     n_q = None
     evals = _jsonl(run / "eval.jsonl")
-    per_q, sources = {}, {}
+    per_q, sources, answers = {}, {}, {}
     for rec in _jsonl(run / "eval_records.jsonl"):
         ids = [r["id"] for r in rec["records"]]
         per_q[rec["tag"]] = dict(zip(ids, [float(r.get("greedy_correct", False)) for r in rec["records"]]))
+        answers[rec["tag"]] = {r["id"]: {k: r.get(k) for k in ("greedy_answer", "majority", "greedy_length")}
+                               for r in rec["records"]}
         sources.update({r["id"]: r.get("source", "") for r in rec["records"]})
         n_q = len(ids)
     per_episode = episode_steps(n_q or 1, cfg["optim"]["questions_per_step"])
     return {"config": cfg, "metrics": _jsonl(run / "metrics.jsonl"), "evals": evals, "per_question": per_q,
-            "sources": sources, "per_episode": per_episode, "finished": (run / "done").exists()}
+            "answers": answers, "sources": sources, "per_episode": per_episode, "finished": (run / "done").exists()}
 
 
 def episode_of(step: int, per_episode: int) -> float:
@@ -187,6 +189,42 @@ def _question_vector(runs: list[dict], episode: float) -> np.ndarray | None:
     return np.mean(np.array(vecs), axis=0)
 
 
+def flips(runs: list[dict], episode: float | None) -> dict | None:
+    """Which greedy answers moved between before adaptation and ``episode``, summed over the runs
+    (seeds): ``pairs`` question-seed pairs; ``wrong_to_right`` / ``right_to_wrong`` by greedy
+    correctness; ``changed`` greedy answers that differ; ``off_majority`` pairs whose greedy answer
+    before differed from the base model's sampled majority, and ``onto_majority`` how many of them
+    now give that majority (the move a majority reward teaches, right or wrong); greedy length
+    before and at ``episode``. None when an evaluation with records is missing."""
+    if episode is None:
+        return None
+    out = dict.fromkeys(("pairs", "wrong_to_right", "right_to_wrong", "changed", "off_majority", "onto_majority"), 0)
+    lengths = ([], [])
+    for r in runs:
+        t0, t1 = _tag_at(r, 0.0), _tag_at(r, episode)
+        if t0 is None or t1 is None or t0 not in r.get("answers", {}) or t1 not in r.get("answers", {}):
+            return None
+        c0, c1 = r["per_question"][t0], r["per_question"][t1]
+        a0, a1 = r["answers"][t0], r["answers"][t1]
+        for q in c0:
+            if q not in c1:
+                continue
+            out["pairs"] += 1
+            out["wrong_to_right"] += int(c0[q] < c1[q])
+            out["right_to_wrong"] += int(c0[q] > c1[q])
+            g0, g1, maj = a0[q]["greedy_answer"], a1[q]["greedy_answer"], a0[q]["majority"]
+            out["changed"] += int(g0 != g1)
+            if maj is not None and g0 != maj:
+                out["off_majority"] += 1
+                out["onto_majority"] += int(g1 == maj)
+            for lst, a in zip(lengths, (a0[q], a1[q])):
+                if a.get("greedy_length") is not None:
+                    lst.append(float(a["greedy_length"]))
+    out["greedy_length_before"] = float(np.mean(lengths[0])) if lengths[0] else None
+    out["greedy_length_after"] = float(np.mean(lengths[1])) if lengths[1] else None
+    return out
+
+
 def source_curves(runs: list[dict], episodes: list[float]) -> dict[str, list[float]]:
     """Greedy pass@1 per data source (the data's ``source`` column) at each of ``episodes``, seeds
     averaged; {} when the questions come from fewer than two sources."""
@@ -214,8 +252,8 @@ def summarise_key(runs: list[dict]) -> dict:
               if any(per_episode_means(r["metrics"], pe, k) for r in runs) else []
               for k in ("completion/length_mean", "vote/majority_ratio", "entropy/forking_mean",
                         "update/weight_change_norm", "update/kl_new_old", "grad/policy_norm", "grad/band_norm")}
-    final = episodes[-1] if episodes else None
     trained = [e for e in episodes if e > 0]
+    final = trained[-1] if trained else None  # no "final" before the first evaluation after training
     best = max(trained, key=lambda e: greedy[episodes.index(e)]) if trained else None
     stop = stop_episode(series["vote/majority_ratio"], series["entropy/forking_mean"])
     stop_eval = next((e for e in episodes if stop is not None and e >= stop), None)
@@ -229,7 +267,7 @@ def summarise_key(runs: list[dict]) -> dict:
     return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "episodes": episodes, "greedy": greedy,
             "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
             "series": series, "sampled": sampled, "questions": 0 if before is None else len(before),
-            "by_source": source_curves(runs, episodes)}
+            "by_source": source_curves(runs, episodes), "flips_final": flips(runs, final)}
 
 
 def load_tag(tag: str) -> dict[str, list[dict]]:
@@ -319,6 +357,17 @@ def render(out: dict) -> str:
     lines += ["", "Greedy pass@1 per evaluated episode:", ""]
     for k, s in out["keys"].items():
         lines.append(f"- {k}: " + ", ".join(f"ep{_f(e, 0)} {_f(v)}" for e, v in zip(s["episodes"], s["greedy"])))
+    moved = [(k, s["flips_final"]) for k, s in out["keys"].items() if s.get("flips_final")]
+    if moved:
+        lines += ["", "Which greedy answers moved, before → final episode (question-seed pairs; \"onto the "
+                  "majority\": of the answers that differed from the base model's sampled majority, how many "
+                  "now give it):", "",
+                  "| run key | pairs | wrong → right | right → wrong | changed | onto the majority | "
+                  "greedy length before → final |", "|---|---|---|---|---|---|---|"]
+        for k, f in moved:
+            lines.append(f"| {k} | {f['pairs']} | {f['wrong_to_right']} | {f['right_to_wrong']} | {f['changed']} | "
+                         f"{f['onto_majority']} of {f['off_majority']} | {_f(f['greedy_length_before'], 0)} → "
+                         f"{_f(f['greedy_length_after'], 0)} |")
     by_source = [(k, s) for k, s in out["keys"].items() if s.get("by_source")]
     if by_source:
         lines += ["", "Greedy pass@1 per data source (the data's `source` column), before → final (best episode):", "",

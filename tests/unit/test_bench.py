@@ -422,7 +422,8 @@ def test_long_stop_rule_and_episode_means():
     assert long.episode_steps(16, 4) == 4 and long.episode_steps(17, 4) == 5
 
 
-def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "q2", "q3"), sources=None):
+def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "q2", "q3"), sources=None,
+              answers=None):
     import json
 
     d = tmp / name
@@ -433,7 +434,8 @@ def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "
         tag = "before" if step == 0 else f"step{step}"
         evals.append({"tag": tag, "step": step, "eval/greedy_pass@1": sum(correct) / len(correct)})
         recs.append({"tag": tag, "step": step,
-                     "records": [{"id": i, "greedy_correct": bool(c), **({"source": sources[j]} if sources else {})}
+                     "records": [{"id": i, "greedy_correct": bool(c), **({"source": sources[j]} if sources else {}),
+                                  **(answers[step][j] if answers else {})}
                                  for j, (i, c) in enumerate(zip(ids, correct))]})
     for s in range(1, max(greedy_by_step) + 1):
         metrics.append({"step": s, "vote/majority_ratio": 0.5, "entropy/forking_mean": 1.0,
@@ -536,3 +538,39 @@ def test_long_summary_breaks_greedy_down_by_source(tmp_path, monkeypatch):
     assert "| ttrl-lr0.0001 | svamp | 0.000 | 0.750 | 0.750 |" in md
     _fake_run(tmp_path / "t", "spine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 0]})  # no source column
     assert long.summary("t")["keys"]["spine-lr0.0001"]["by_source"] == {}
+
+
+def test_long_summary_counts_which_greedy_answers_moved(tmp_path, monkeypatch):
+    long = _long()
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    (tmp_path / "t").mkdir()
+
+    def rec(g, m, n):
+        return {"greedy_answer": g, "majority": m, "greedy_length": n}
+    # labels: q0 1, q1 2, q2 3, q3 4. Before: greedy 1 (right), 5, 6, 4 (right); sampled majority 1, 2, 7, None
+    before = [rec("1", "1", 100), rec("5", "2", 200), rec("6", "7", 300), rec("4", None, 400)]
+    # final: q0 still right; q1 moved onto the majority (right); q2 onto the majority (still wrong); q3 broke
+    final = [rec("1", "1", 50), rec("2", "2", 100), rec("7", "7", 150), rec("9", "9", 100)]
+    _fake_run(tmp_path / "t", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 1], 4: [1, 1, 0, 0]}, answers={0: before, 4: final})
+    f = long.summary("t")["keys"]["ttrl-lr0.0001"]["flips_final"]
+    assert f["pairs"] == 4 and f["wrong_to_right"] == 1 and f["right_to_wrong"] == 1 and f["changed"] == 3
+    assert f["off_majority"] == 2 and f["onto_majority"] == 2  # q3 had no majority: not counted
+    assert f["greedy_length_before"] == 250 and f["greedy_length_after"] == 100
+    md = (tmp_path / "t" / "summary.md").read_text()
+    assert "| ttrl-lr0.0001 | 4 | 1 | 1 | 3 | 2 of 2 | 250 → 100 |" in md
+    # a second seed adds its pairs
+    _fake_run(tmp_path / "t", "ttrl-lr0.0001-s1", {0: [1, 0, 0, 1], 4: [1, 0, 0, 1]}, answers={0: before, 4: before})
+    f = long.summary("t")["keys"]["ttrl-lr0.0001"]["flips_final"]
+    assert f["pairs"] == 8 and f["changed"] == 3 and f["onto_majority"] == 2 and f["off_majority"] == 4
+
+
+def test_long_summary_has_no_final_episode_before_a_trained_evaluation(tmp_path, monkeypatch):
+    long = _long()
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    (tmp_path / "t").mkdir()
+    _fake_run(tmp_path / "t", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0]})
+    _fake_run(tmp_path / "t", "spine-lr0.0001-s0", {0: [1, 0, 0, 0]})  # only the evaluation before adaptation
+    out = long.summary("t")
+    s = out["keys"]["spine-lr0.0001"]
+    assert s["final_episode"] is None and s["best_episode"] is None and s["flips_final"] is None
+    assert all(c is None for c in out["comparisons"]["spine-lr0.0001"].values())
