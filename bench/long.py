@@ -251,11 +251,16 @@ def summarise_key(runs: list[dict]) -> dict:
                              if per_episode_means(r["metrics"], pe, k)], axis=0).tolist()
               if any(per_episode_means(r["metrics"], pe, k) for r in runs) else []
               for k in ("completion/length_mean", "vote/majority_ratio", "entropy/forking_mean",
-                        "update/weight_change_norm", "update/kl_new_old", "grad/policy_norm", "grad/band_norm")}
+                        "entropy/top20_mean", "update/weight_change_norm", "update/kl_new_old", "grad/policy_norm",
+                        "grad/band_norm")}
     trained = [e for e in episodes if e > 0]
     final = trained[-1] if trained else None  # no "final" before the first evaluation after training
     best = max(trained, key=lambda e: greedy[episodes.index(e)]) if trained else None
-    stop = stop_episode(series["vote/majority_ratio"], series["entropy/forking_mean"])
+    # fork entropy comparable across methods: the top-20 % tokens' where logged from the first episode
+    # (TTRL's selected tokens are all tokens), else the selected tokens'
+    top20 = series["entropy/top20_mean"]
+    fork_h = top20 if top20 and math.isfinite(top20[0]) else series["entropy/forking_mean"]
+    stop = stop_episode(series["vote/majority_ratio"], fork_h)
     stop_eval = next((e for e in episodes if stop is not None and e >= stop), None)
     sampled = {}
     for tag in ("before", "after"):
@@ -267,7 +272,7 @@ def summarise_key(runs: list[dict]) -> dict:
     return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "episodes": episodes, "greedy": greedy,
             "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
             "series": series, "sampled": sampled, "questions": 0 if before is None else len(before),
-            "by_source": source_curves(runs, episodes), "flips_final": flips(runs, final)}
+            "by_source": source_curves(runs, episodes), "flips_final": flips(runs, final), "fork_entropy": fork_h}
 
 
 def load_tag(tag: str) -> dict[str, list[dict]]:
@@ -330,8 +335,9 @@ def _ci(c):
 def render(out: dict) -> str:
     lines = [f"# Long adaptation: {out['tag']}", "",
              "| run key | seeds | done | greedy before | final (ep) | best (ep) | stop rule ep → greedy | "
-             "avg before → after | length ep1 → last | majority ep1 → last | fork H ep1 → last |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "avg before → after | length ep1 → last | majority ep1 → last | fork H ep1 → last | "
+             "top-20 % H ep1 → last |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, s in out["keys"].items():
         g = dict(zip(s["episodes"], s["greedy"]))
         ser = s["series"]
@@ -345,7 +351,8 @@ def render(out: dict) -> str:
             f"{_f(g.get(s['final_episode']))} ({_f(s['final_episode'], 0)}) | {_f(g.get(s['best_episode']))} "
             f"({_f(s['best_episode'], 0)}) | {s['stop_episode'] or '–'} → {_f(g.get(s['stop_eval_episode']))} | "
             f"{' → '.join(_f(v) for v in avg) or '–'} | {first_last('completion/length_mean')} | "
-            f"{first_last('vote/majority_ratio')} | {first_last('entropy/forking_mean')} |")
+            f"{first_last('vote/majority_ratio')} | {first_last('entropy/forking_mean')} | "
+            f"{first_last('entropy/top20_mean')} |")
     lines += ["", "Paired bootstrap, greedy pass@1 in points (95 % interval), questions resampled; the "
               "half-width reached and the questions a ±3-point half-width would need (it shrinks as 1/√n):", "",
               "| run key | comparison | difference | half-width | questions for ±3 |", "|---|---|---|---|---|"]
@@ -390,8 +397,7 @@ def plot(out: dict, path: Path) -> None:
     axes = fig.subplots(1, 3)
     for k, s in out["keys"].items():
         axes[0].plot(s["episodes"], s["greedy"], marker="o", label=k)
-        for ax, name in ((axes[1], "entropy/forking_mean"), (axes[2], "completion/length_mean")):
-            v = s["series"].get(name) or []
+        for ax, v in ((axes[1], s.get("fork_entropy") or []), (axes[2], s["series"].get("completion/length_mean") or [])):
             ax.plot(range(1, len(v) + 1), v, label=k)
     for ax, title in zip(axes, ("greedy pass@1", "forking-token entropy (nats)", "completion length (tokens)")):
         ax.set_title(title)

@@ -258,7 +258,8 @@ def make_plots(run_dir: str | Path) -> list[Path]:
                    out_dir / "reward.png", "Pseudo-reward and vote", "fraction", unit_interval=True),
         _eval_plot(evals, out_dir / "eval.png"),
         _length_plot(metrics, out_dir / "length.png"),
-        _line_plot(metrics, [("entropy/forking_mean", "forking tokens"), ("entropy/other_mean", "other tokens")],
+        _line_plot(metrics, [("entropy/forking_mean", "forking tokens"), ("entropy/other_mean", "other tokens"),
+                             ("entropy/top20_mean", "top-20 % tokens")],
                    out_dir / "entropy.png", "Token entropy (behaviour policy)", "mean entropy (nats)"),
         _line_plot(metrics, [("tokens/selected_fraction", "tokens/selected_fraction"),
                              ("band/below_fraction", "band/below_fraction"),
@@ -276,7 +277,7 @@ _BUDGET = [("optim", "steps"), ("optim", "questions_per_step"), ("sampling", "nu
 _METHOD = [("spine", "selection"), ("spine", "rho"), ("spine", "scope"), ("spine", "band"), ("spine", "kl_coef")]
 _TRAINING_KEYS = ["reward/mean", "vote/majority_ratio", "vote/label_accuracy", "reward/accuracy",
                   "completion/length_mean", "completion/truncated_fraction", "entropy/all_mean",
-                  "entropy/forking_mean", "tokens/selected_fraction", "loss/policy", "loss/band", "loss/kl",
+                  "entropy/forking_mean", "entropy/top20_mean", "tokens/selected_fraction", "loss/policy", "loss/band", "loss/kl",
                   "optim/grad_norm", "tokens/per_second"]
 _EMBEDDED_MODEL = "embedded SmolLM2-135M-Instruct"
 

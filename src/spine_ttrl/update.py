@@ -40,7 +40,7 @@ from .engine.scoring import micro_batches, pad_cols, score_batch, score_completi
 from .losses import (ADVANTAGE_SHAPINGS, BANDS, TOKEN_WEIGHTS, adaptive_entropy_coef, anchored_entropy_penalty,
                      band_penalty, entropy_bonus, kl_penalty, policy_loss, pooled_band_edges, quantile_linear,
                      response_mean_entropy)
-from .selection import select_tokens
+from .selection import select_tokens, top_entropy_mask
 from .tokens import SELECTION_SIGNALS, nucleus_entropy
 
 
@@ -69,6 +69,10 @@ class Selection:
                "entropy/forking_mean": ent[fork].mean().item() if fork.any() else nan,
                "entropy/other_mean": ent[other].mean().item() if other.any() else nan,
                "entropy/all_mean": ent[token_mask].mean().item() if token_mask.any() else nan}
+        # the tokens SPINE's default selection would fork on (top 20 % of the batch), whatever this
+        # method trains: a fork entropy that compares across methods (TTRL trains every token)
+        top = top_entropy_mask(ent, token_mask, 0.2, "batch") if token_mask.any() else token_mask
+        out["entropy/top20_mean"] = ent[top].mean().item() if top.any() else nan
         if self.low is not None:
             has_band = ~torch.isnan(self.low)
             f = fork & has_band.unsqueeze(1)

@@ -574,3 +574,20 @@ def test_long_summary_has_no_final_episode_before_a_trained_evaluation(tmp_path,
     s = out["keys"]["spine-lr0.0001"]
     assert s["final_episode"] is None and s["best_episode"] is None and s["flips_final"] is None
     assert all(c is None for c in out["comparisons"]["spine-lr0.0001"].values())
+
+
+def test_long_stop_rule_uses_the_top20_entropy_when_logged(tmp_path, monkeypatch):
+    import json
+
+    long = _long()
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    (tmp_path / "t").mkdir()
+    _fake_run(tmp_path / "t", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 0, 0]})
+    # TTRL trains every token: its "forking" entropy is the all-token mean, steady at 0.2; the top-20 %
+    # tokens' entropy halves in episode 2 (1.0 -> 0.4) while the majority share saturates
+    rows = [{"step": s, "vote/majority_ratio": r, "entropy/forking_mean": 0.2, "entropy/top20_mean": h,
+             "completion/length_mean": 100.0} for s, r, h in ((1, 0.5, 1.0), (2, 0.7, 1.0), (3, 0.95, 0.4), (4, 0.95, 0.4))]
+    (tmp_path / "t" / "ttrl-lr0.0001-s0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = long.summary("t")["keys"]["ttrl-lr0.0001"]
+    assert s["fork_entropy"] == pytest.approx([1.0, 0.4]) and s["stop_episode"] == 2
+    assert "| 0.20 → 0.20 | 1.00 → 0.40 |" in (tmp_path / "t" / "summary.md").read_text()

@@ -179,3 +179,22 @@ def test_every_update_metric_is_documented(preset):
     assert "update/kl_new_old" in m and "grad/band_norm" in m
     missing = [k for k in m if f"`{k}`" not in doc]
     assert not missing, f"metrics not in docs/metrics.md: {missing}"
+
+
+def test_selection_metrics_give_a_top20_fork_entropy_for_any_selection():
+    import torch
+
+    from spine_ttrl.update import Selection
+
+    ent = torch.tensor([[0.1, 0.9, 0.3, 0.0, 0.0], [0.5, 0.2, 0.7, 0.4, 0.6]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    # TTRL: every token selected, so the forking mean is the all-token mean (3.7 / 8) ...
+    m = Selection(fork_mask=mask, low=None, high=None, entropies=ent).metrics(mask)
+    assert m["entropy/forking_mean"] == pytest.approx(3.7 / 8) and m["entropy/all_mean"] == pytest.approx(3.7 / 8)
+    # ... while the top 20 % of the 8 valid tokens (k = ceil(1.6) = 2: 0.9 and 0.7) are the forks SPINE would take
+    assert m["entropy/top20_mean"] == pytest.approx(0.8)
+    # the padded zeros are never counted, and it does not depend on what was selected
+    one = torch.zeros_like(mask)
+    one[1, 0] = True
+    m = Selection(fork_mask=one, low=None, high=None, entropies=ent).metrics(mask)
+    assert m["entropy/forking_mean"] == pytest.approx(0.5) and m["entropy/top20_mean"] == pytest.approx(0.8)
