@@ -591,3 +591,27 @@ def test_long_stop_rule_uses_the_top20_entropy_when_logged(tmp_path, monkeypatch
     s = long.summary("t")["keys"]["ttrl-lr0.0001"]
     assert s["fork_entropy"] == pytest.approx([1.0, 0.4]) and s["stop_episode"] == 2
     assert "| 0.20 → 0.20 | 1.00 → 0.40 |" in (tmp_path / "t" / "summary.md").read_text()
+
+
+def test_tokens_moved_categories_and_fork_statistics():
+    import torch
+
+    tm = _load("tokens_moved")
+    assert [tm.token_category(p) for p in ("12", " 7", " +", "\\(", " ", "\n", " the", "Ana", ".", "**")] == \
+        ["digit", "digit", "math", "math", "space", "space", "word", "word", "other", "math"]
+    base = torch.tensor([[1.0, 0.1, 0.8, 0.1, 0.0], [0.3, 0.9, 0.2, 0.1, 0.1]])
+    now = torch.tensor([[0.4, 0.1, 0.8, 0.1, 0.0], [0.3, 0.6, 0.2, 0.1, 0.1]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    forks = tm.fork_mask(base, mask)  # 9 valid tokens -> ceil(1.8) = 2 forks: (0, 0) and (1, 1)
+    assert forks.nonzero().tolist() == [[0, 0], [1, 1]]
+    pieces = [["3", " +", " 4", " =", ""], [" So", " the", " answer", " is", " 7"]]
+    logp = torch.full((2, 5), -0.5)
+    r = tm.moved(base, now, logp, mask, forks, pieces)
+    assert r["entropy_forks"] == pytest.approx(0.5)  # (0.4 + 0.6) / 2
+    assert r["forks_below_half"] == pytest.approx(0.5)  # 0.4 < 0.5 · 1.0; 0.6 ≥ 0.5 · 0.9
+    assert r["entropy_all"] == pytest.approx((0.4 + 0.1 + 0.8 + 0.1 + 0.3 + 0.6 + 0.2 + 0.1 + 0.1) / 9)
+    assert r["logp_mean"] == pytest.approx(-0.5)
+    assert r["categories"]["digit"] == pytest.approx({"fork_share": 0.5, "base": 1.0, "now": 0.4})
+    assert r["categories"]["word"] == pytest.approx({"fork_share": 0.5, "base": 0.9, "now": 0.6})
+    assert r["categories"]["math"]["fork_share"] == 0
+    assert [d[0] for d in r["top_drops"]] == ["3", " the"]  # total drop 0.6, then 0.3
