@@ -97,7 +97,10 @@ def collapse_warnings(metrics: Sequence[dict], *, length_fraction: float = 0.5, 
     - ``vote saturation``: mean of ``vote/majority_ratio`` over the last ``window`` steps
       >= ``ratio_saturation`` *and* mean of ``entropy/all_mean`` over the last ``window`` steps
       < ``entropy_fraction`` × its initial value. A saturated vote alone is not a warning: an
-      easy question set is unanimous from the start.
+      easy question set is unanimous from the start;
+    - ``fork entropy collapse``: mean of ``entropy/top20_mean`` (the entropy of the batch's 20 %
+      highest-entropy tokens, the forks) over the last ``window`` steps < ``entropy_fraction`` ×
+      its initial value, whatever the vote: what SPINE's band is meant to prevent.
 
     NaN and missing values are ignored (the windows are over the steps that have a value).
     With fewer than ``2 * window`` values the windows shrink to ``n // 2`` each, so the initial
@@ -133,6 +136,13 @@ def collapse_warnings(metrics: Sequence[dict], *, length_fraction: float = 0.5, 
             out.append(f"vote saturation: step {step}: majority ratio {ratio:.3f} >= {ratio_saturation:g} "
                        f"(last {min(window, len(ratios))} steps) while token entropy {now:.3f} nats fell below "
                        f"{entropy_fraction:g} x its initial {first:.3f} (means over the first / last {w} steps)")
+
+    forks = initial_and_last("entropy/top20_mean")
+    if forks is not None:
+        first, now, w = forks
+        if first > 0 and now < entropy_fraction * first:
+            out.append(f"fork entropy collapse: step {step}: entropy of the top-20 % tokens {now:.3f} nats (last {w} "
+                       f"steps) is below {entropy_fraction:g} x its initial {first:.3f} (first {w} steps)")
     return out
 
 

@@ -139,6 +139,19 @@ def test_no_warning_for_healthy_or_half_conditions():
     assert collapse_warnings(series(lengths=[100, 100, 100, 70, 65, 65])) == []
 
 
+def test_fork_entropy_collapse_fires_whatever_the_vote():
+    # SPINE v1's first 6 long-protocol steps: first-3 mean 0.6133, last-3 mean 0.2833 < 0.5 x 0.6133
+    forks = [0.70, 0.64, 0.50, 0.36, 0.26, 0.23]
+    records = [dict(r, **{"entropy/top20_mean": h}) for r, h in zip(series(ratios=[0.5] * 6), forks)]
+    warnings = collapse_warnings(records)
+    assert len(warnings) == 1 and warnings[0].startswith("fork entropy collapse:") and "step 6" in warnings[0]
+    assert "0.283" in warnings[0] and "0.613" in warnings[0]
+    # a slow decline (last-3 0.50 vs 0.5 x 0.65) and a run that never logged it: no warning
+    slow = [dict(r, **{"entropy/top20_mean": h}) for r, h in zip(series(ratios=[0.5] * 6),
+                                                                   [0.70, 0.65, 0.60, 0.55, 0.50, 0.45])]
+    assert collapse_warnings(slow) == [] and collapse_warnings(series(ratios=[0.5] * 6)) == []
+
+
 def test_thresholds_are_parameters():
     lengths = [100, 100, 100, 70, 65, 65]  # last-3 mean 66.7 < 0.7 x 100
     assert collapse_warnings(series(lengths=lengths), length_fraction=0.7)[0].startswith("length collapse:")
