@@ -119,30 +119,29 @@ def collapse_warnings(metrics: Sequence[dict], *, length_fraction: float = 0.5, 
             return None
         return _mean(values[:w]), _mean(values[-w:]), w
 
+    def fell(key: str, fraction: float) -> tuple[float, float, int] | None:
+        """(initial, last, window) when ``key``'s last-window mean is below ``fraction`` x its initial one."""
+        got = initial_and_last(key)
+        return got if got is not None and got[0] > 0 and got[1] < fraction * got[0] else None
+
     out = []
-    lengths = initial_and_last("completion/length_mean")
-    if lengths is not None:
+    if (lengths := fell("completion/length_mean", length_fraction)) is not None:
         first, now, w = lengths
-        if first > 0 and now < length_fraction * first:
-            out.append(f"length collapse: step {step}: mean completion length {now:.1f} tokens (last {w} steps) "
-                       f"is below {length_fraction:g} x its initial {first:.1f} (first {w} steps)")
+        out.append(f"length collapse: step {step}: mean completion length {now:.1f} tokens (last {w} steps) "
+                   f"is below {length_fraction:g} x its initial {first:.1f} (first {w} steps)")
 
     ratios = _series(metrics, "vote/majority_ratio")[1]
-    entropy = initial_and_last("entropy/all_mean")
-    if ratios and entropy is not None:
-        ratio = _mean(ratios[-window:])
+    entropy = fell("entropy/all_mean", entropy_fraction)
+    if ratios and entropy is not None and _mean(ratios[-window:]) >= ratio_saturation:
         first, now, w = entropy
-        if ratio >= ratio_saturation and first > 0 and now < entropy_fraction * first:
-            out.append(f"vote saturation: step {step}: majority ratio {ratio:.3f} >= {ratio_saturation:g} "
-                       f"(last {min(window, len(ratios))} steps) while token entropy {now:.3f} nats fell below "
-                       f"{entropy_fraction:g} x its initial {first:.3f} (means over the first / last {w} steps)")
+        out.append(f"vote saturation: step {step}: majority ratio {_mean(ratios[-window:]):.3f} >= {ratio_saturation:g} "
+                   f"(last {min(window, len(ratios))} steps) while token entropy {now:.3f} nats fell below "
+                   f"{entropy_fraction:g} x its initial {first:.3f} (means over the first / last {w} steps)")
 
-    forks = initial_and_last("entropy/top20_mean")
-    if forks is not None:
+    if (forks := fell("entropy/top20_mean", entropy_fraction)) is not None:
         first, now, w = forks
-        if first > 0 and now < entropy_fraction * first:
-            out.append(f"fork entropy collapse: step {step}: entropy of the top-20 % tokens {now:.3f} nats (last {w} "
-                       f"steps) is below {entropy_fraction:g} x its initial {first:.3f} (first {w} steps)")
+        out.append(f"fork entropy collapse: step {step}: entropy of the top-20 % tokens {now:.3f} nats (last {w} "
+                   f"steps) is below {entropy_fraction:g} x its initial {first:.3f} (first {w} steps)")
     return out
 
 
