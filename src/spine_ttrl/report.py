@@ -132,9 +132,10 @@ def collapse_warnings(metrics: Sequence[dict], *, length_fraction: float = 0.5, 
 
     ratios = _series(metrics, "vote/majority_ratio")[1]
     entropy = fell("entropy/all_mean", entropy_fraction)
-    if ratios and entropy is not None and _mean(ratios[-window:]) >= ratio_saturation:
+    ratio = _mean(ratios[-window:]) if ratios else math.nan
+    if entropy is not None and ratio >= ratio_saturation:
         first, now, w = entropy
-        out.append(f"vote saturation: step {step}: majority ratio {_mean(ratios[-window:]):.3f} >= {ratio_saturation:g} "
+        out.append(f"vote saturation: step {step}: majority ratio {ratio:.3f} >= {ratio_saturation:g} "
                    f"(last {min(window, len(ratios))} steps) while token entropy {now:.3f} nats fell below "
                    f"{entropy_fraction:g} x its initial {first:.3f} (means over the first / last {w} steps)")
 
