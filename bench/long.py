@@ -88,6 +88,21 @@ def sync(run_dir: Path, dest: Path) -> None:
             shutil.copyfile(run_dir / name, dest / name)
 
 
+def base_evaluation(cfg, tag_dir: Path, run_dir: Path) -> Path | None:
+    """A run of the tag whose evaluation before adaptation is the one ``cfg`` would make (same model,
+    data, evaluation settings, seed and threads: ``spine_ttrl.rundir.before_eval_mismatch``), to be
+    reused with ``eval.before_from``; None if there is none."""
+    from spine_ttrl.config import load_toml, to_dict
+    from spine_ttrl.rundir import before_eval_mismatch, last_eval
+
+    this = to_dict(cfg)
+    for d in sorted(tag_dir.glob("*-s*")):
+        if d != run_dir and (d / "config.toml").exists() and last_eval(d, "before") is not None \
+                and (d / "eval_records.jsonl").exists() and before_eval_mismatch(load_toml(d / "config.toml"), this) is None:
+            return d
+    return None
+
+
 def run_one(args, method: str, seed: int, lr: float, n_questions: int) -> None:
     from spine_ttrl import adapt
 
@@ -98,6 +113,8 @@ def run_one(args, method: str, seed: int, lr: float, n_questions: int) -> None:
     cfg = run_config(args, method, seed, lr, run_dir, n_questions)
     if (run_dir / "config.toml").exists():
         cfg.run.resume, cfg.run.out = str(run_dir), ""
+    elif args.reuse_before and (src := base_evaluation(cfg, args.runs_root / args.tag, run_dir)) is not None:
+        cfg.eval.before_from = str(src)  # the base model's sampled evaluation is the same for every run
     print(f"== {args.tag}/{name}: {cfg.optim.steps} steps", flush=True)
     adapt(cfg)
     sync(run_dir, dest)
@@ -432,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default="")
     p.add_argument("--runs-root", type=Path, default=RUNS_ROOT)
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--no-reuse-before", dest="reuse_before", action="store_false",
+                   help="compute the evaluation before adaptation even when another run of the tag has made the same one")
     p.add_argument("--summary", action="store_true", help="only write the summary of --tag")
     p.add_argument("--sync", action="store_true", help="only copy the logs of --tag's runs into bench/results")
     args = p.parse_args(argv)

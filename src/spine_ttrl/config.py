@@ -139,6 +139,7 @@ class EvalConfig:
     eval_top_p: float = _f(0.95, "Top-p of the sampled evaluation.")
     eval_max_new_tokens: int = _f(0, "Longest evaluation completion (0 = same as max_new_tokens).")
     skip_eval_before: bool = _f(False, "Skip the evaluation before adaptation.")
+    before_from: str = _f("", "Reuse the evaluation before adaptation of this run directory instead of computing it: it must have been made with the same model, data, evaluation and sampling-batch settings, seed, threads and engine (checked; any difference is an error), so it is the evaluation this run would make. Saves the sampled evaluation of the base model when several runs start from it.")
 
 
 @dataclass
@@ -185,6 +186,7 @@ class Config:
              + (f"{s.tree_samples * (1 + s.tree_branch_points * s.tree_branches)}" if s.tree_samples else
                 f"a multiple of {1 + s.tree_branch_points * s.tree_branches} (tree_samples 0 derives it)")),
             (s.rollout == "flat" or s.sampler == "builtin", "rollout=tree needs sampler=builtin (it branches on the sampler's entropies)"),
+            (not (self.eval.skip_eval_before and self.eval.before_from), "skip_eval_before and before_from exclude each other"),
             (0 <= self.spine.rho <= 1, "rho must be in [0, 1]"),
             (0 <= self.spine.band_low_q <= self.spine.band_high_q <= 1, "need 0 <= band_low_q <= band_high_q <= 1"),
             (self.spine.band_anchor == "none" or self.spine.band != "none", "band_anchor=first needs a band (band=quantile or mad)"),

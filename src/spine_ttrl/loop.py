@@ -48,7 +48,7 @@ from .prompting import encode_examples
 from .report import collapse_warnings, read_jsonl, write_report
 from .rewards import EMBEDDING_REWARDS, REWARDS
 from .rundir import (Logger, TrainState, append_jsonl, finish_step, format_eval, last_eval, next_questions,
-                     prepare_run_dir, save_final_model, summary_line)
+                     prepare_run_dir, reuse_eval_before, save_final_model, summary_line)
 from .update import lr_lambda, make_optimizer, update_on_batch
 from .votes import vote_and_reward
 
@@ -125,6 +125,9 @@ def adapt(config: Config) -> RunResult:
     elif run.resume:
         log.info(f"{out_dir}: no checkpoint yet, starting the run again from step 1")
     before = last_eval(out_dir, "before")
+    if before is None and ev.before_from:
+        before = reuse_eval_before(cfg, out_dir)
+        log.info(f"eval before: reused from {ev.before_from}: " + format_eval(before))
     if before is not None:
         result.eval_before = EvalResult(before)
     elif not ev.skip_eval_before:

@@ -56,6 +56,8 @@ def prepare_run_dir(cfg, find_checkpoints=None) -> tuple[Path, list[Path]]:
     be resumed or mixed in.
     """
     run = cfg.run
+    if cfg.eval.before_from and not run.resume:  # fails before anything is written
+        check_before_from(cfg)
     out_dir = Path(run.resume or run.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset}")
     if run.resume and not (out_dir / "config.toml").exists():
         raise ValueError(f"{out_dir}: not a run directory (no config.toml) - nothing to resume")
@@ -178,6 +180,49 @@ def last_eval(out_dir: Path, tag: str) -> dict[str, float] | None:
     """The metrics of the last evaluation tagged ``tag`` in ``eval.jsonl`` (without the prefix)."""
     found = [r for r in read_jsonl(out_dir / "eval.jsonl") if r.get("tag") == tag]
     return {k[5:]: v for k, v in found[-1].items() if k.startswith("eval/")} if found else None
+
+
+# The settings that decide a run's evaluation before adaptation: another run's evaluation is reused
+# (eval.before_from) only when all of these are equal. None = the whole section.
+_BEFORE_EVAL_SETTINGS = {"model": None, "data": None,
+                         "eval": ("eval_limit", "eval_samples", "eval_temperature", "eval_top_p", "eval_max_new_tokens"),
+                         "sampling": ("max_new_tokens", "sample_batch_size", "sampler"), "run": ("seed", "threads", "engine")}
+
+
+def before_eval_mismatch(other: dict, this: dict) -> str | None:
+    """The first setting (as ``section.field: value there, value here``) in which two resolved
+    configs (``config.to_dict`` / ``load_toml`` dicts) would evaluate the base model differently;
+    None when the evaluation before adaptation is the same."""
+    for section, keys in _BEFORE_EVAL_SETTINGS.items():
+        a, b = other.get(section, {}), this.get(section, {})
+        for k in keys or sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return f"{section}.{k}: {a.get(k)!r} there, {b.get(k)!r} here"
+    return None
+
+
+def check_before_from(cfg) -> Path:
+    """The run directory named by ``eval.before_from``, after checking that it holds an evaluation
+    before adaptation made with this run's settings; ValueError naming what differs otherwise."""
+    src = Path(cfg.eval.before_from)
+    if not (src / "config.toml").exists():
+        raise ValueError(f"eval.before_from {src}: not a run directory (no config.toml)")
+    why = before_eval_mismatch(config_mod.load_toml(src / "config.toml"), config_mod.to_dict(cfg))
+    if why:
+        raise ValueError(f"eval.before_from {src}: its evaluation before adaptation used other settings ({why})")
+    for name in ("eval.jsonl", "eval_records.jsonl"):
+        if not any(r.get("tag") == "before" for r in read_jsonl(src / name)):
+            raise ValueError(f"eval.before_from {src}: no evaluation before adaptation in {name}")
+    return src
+
+
+def reuse_eval_before(cfg, out_dir: Path) -> dict[str, float]:
+    """Copy the ``before`` lines of ``eval.before_from``'s ``eval.jsonl`` and ``eval_records.jsonl``
+    (checked by :func:`check_before_from`) into ``out_dir``; returns the metrics as :func:`last_eval`."""
+    src = check_before_from(cfg)
+    for name in ("eval.jsonl", "eval_records.jsonl"):
+        append_jsonl(out_dir / name, [r for r in read_jsonl(src / name) if r.get("tag") == "before"][-1])
+    return last_eval(out_dir, "before")
 
 
 class Logger:

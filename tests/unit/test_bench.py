@@ -615,3 +615,24 @@ def test_tokens_moved_categories_and_fork_statistics():
     assert r["categories"]["word"] == pytest.approx({"fork_share": 0.5, "base": 0.9, "now": 0.6})
     assert r["categories"]["math"]["fork_share"] == 0
     assert [d[0] for d in r["top_drops"]] == ["3", " the"]  # total drop 0.6, then 0.3
+
+
+def test_long_runs_reuse_a_matching_base_evaluation(tmp_path):
+    import json
+
+    from spine_ttrl.config import make_config, to_toml
+
+    long = _long()
+
+    def cfg(preset, seed):
+        return make_config(preset, overrides={"data": {"data": "arith:5:16:4242"}, "run": {"seed": seed}})
+    old = tmp_path / "ttrl-lr0.0001-s0"
+    old.mkdir()
+    (old / "config.toml").write_text(to_toml(cfg("ttrl", 0)))
+    new = tmp_path / "spine-lr0.0001-s0"
+    assert long.base_evaluation(cfg("spine", 0), tmp_path, new) is None  # no evaluation made yet
+    (old / "eval.jsonl").write_text(json.dumps({"tag": "before", "step": 0, "eval/greedy_pass@1": 0.5}) + "\n")
+    (old / "eval_records.jsonl").write_text(json.dumps({"tag": "before", "step": 0, "records": []}) + "\n")
+    assert long.base_evaluation(cfg("spine", 0), tmp_path, new) == old  # another preset, same evaluation
+    assert long.base_evaluation(cfg("spine", 1), tmp_path, new) is None  # another seed samples otherwise
+    assert long.base_evaluation(cfg("ttrl", 0), tmp_path, old) is None  # never itself

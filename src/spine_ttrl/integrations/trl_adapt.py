@@ -264,7 +264,7 @@ def adapt_trl(config: Config):
     from ..loop import Questions, RunResult
     from ..prompting import encode_examples
     from ..report import write_report
-    from ..rundir import Logger, last_eval, summary_line
+    from ..rundir import Logger, last_eval, reuse_eval_before, summary_line
     from .trl import SpineGRPOTrainer
 
     cfg = config.validate()
@@ -305,6 +305,8 @@ def adapt_trl(config: Config):
                     num_processes=dist.num_processes)
     dataset = Dataset.from_dict(trl_dataset_columns(tokenizer, examples, task, cfg.data.system_prompt))
     before = last_eval(out_dir, "before")
+    if before is None and cfg.eval.before_from:  # the main process copies it; the others only skip the evaluation
+        before = reuse_eval_before(cfg, out_dir) if dist.is_main_process else {}
     cb = RunDirCallback(cfg, qs, out_dir, log, eval_before=before is None and not cfg.eval.skip_eval_before)
     trainer = SpineGRPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[cb])
     cb.trainer = trainer

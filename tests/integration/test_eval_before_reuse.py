@@ -1,0 +1,63 @@
+"""--before-from: a run reuses another run's evaluation before adaptation instead of computing it."""
+
+import json
+
+from spine_ttrl.cli import main
+from spine_ttrl.rundir import before_eval_mismatch
+
+ARGS = ["--data", "arith:1:4:3", "--steps", "1", "--questions-per-step", "2", "--num-votes", "2",
+        "--num-train-samples", "2", "--max-new-tokens", "8", "--micro-batch-size", "2", "--eval-samples", "2",
+        "--eval-limit", "2", "--eval-max-new-tokens", "6", "--threads", "1", "--seed", "3", "--no-progress"]
+
+
+def _before(run, name):
+    rows = [json.loads(line) for line in (run / name).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "eval/time_s"} for r in rows if r["tag"] == "before"]
+
+
+def _hashes(run):
+    return [json.loads(line)["completion_ids_sha256"] for line in (run / "samples.jsonl").read_text().splitlines()]
+
+
+def test_a_run_reuses_the_evaluation_it_would_have_made(tmp_path, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert main(["adapt", *ARGS, "--preset", "ttrl", "--out", str(a)]) == 0
+    assert main(["adapt", *ARGS, "--preset", "spine", "--out", str(b)]) == 0  # computes its own
+    assert main(["adapt", *ARGS, "--preset", "spine", "--before-from", str(a), "--out", str(c)]) == 0
+    assert "reused from" in capsys.readouterr().out
+    # another preset computes the same evaluation before adaptation: that is what is reused
+    assert _before(b, "eval.jsonl") == _before(a, "eval.jsonl")
+    assert _before(b, "eval_records.jsonl") == _before(a, "eval_records.jsonl")
+    assert _before(c, "eval_records.jsonl") == _before(a, "eval_records.jsonl")
+    assert _before(c, "eval.jsonl") == _before(a, "eval.jsonl") and len(_before(c, "eval.jsonl")) == 1
+    # and the run itself is unchanged: the same samples as the run that evaluated on its own
+    assert _hashes(c) == _hashes(b)
+    assert [json.loads(x)["tag"] for x in (c / "eval.jsonl").read_text().splitlines()] == ["before", "after"]
+
+
+def test_other_settings_or_no_evaluation_are_refused_before_anything_is_written(tmp_path, capsys):
+    a = tmp_path / "a"
+    assert main(["adapt", *ARGS, "--steps", "0", "--out", str(a)]) == 0
+    d = tmp_path / "d"
+    assert main(["adapt", *ARGS, "--seed", "4", "--before-from", str(a), "--out", str(d)]) == 2
+    assert "run.seed: 3 there, 4 here" in capsys.readouterr().err and not d.exists()
+    assert main(["adapt", *ARGS, "--eval-samples", "4", "--before-from", str(a), "--out", str(d)]) == 2
+    assert "eval.eval_samples" in capsys.readouterr().err and not d.exists()
+    e = tmp_path / "e"
+    assert main(["adapt", *ARGS, "--steps", "0", "--skip-eval-before", "--out", str(e)]) == 0
+    assert main(["adapt", *ARGS, "--before-from", str(e), "--out", str(d)]) == 2
+    assert "no evaluation before adaptation" in capsys.readouterr().err and not d.exists()
+    assert main(["adapt", *ARGS, "--before-from", str(tmp_path / "nowhere"), "--out", str(d)]) == 2
+    assert main(["adapt", *ARGS, "--skip-eval-before", "--before-from", str(a), "--out", str(d)]) == 2
+    assert "exclude each other" in capsys.readouterr().err and not d.exists()
+
+
+def test_before_eval_mismatch_names_the_first_setting_that_differs():
+    base = {"model": {"model": "m", "lora_r": 16}, "data": {"data": "x"}, "run": {"seed": 0, "threads": 1},
+            "eval": {"eval_samples": 8, "eval_every": 8}, "sampling": {"max_new_tokens": 384, "temperature": 0.8},
+            "spine": {"selection": "top"}}
+    other = json.loads(json.dumps(base))
+    other["eval"]["eval_every"], other["sampling"]["temperature"], other["spine"]["selection"] = 4, 1.0, "all"
+    assert before_eval_mismatch(base, other) is None  # training-only settings do not matter
+    other["model"]["lora_r"] = 0
+    assert before_eval_mismatch(base, other) == "model.lora_r: 16 there, 0 here"
