@@ -34,6 +34,7 @@ and the best episode; and the episode the label-free stopping rule picks (:func:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -90,16 +91,18 @@ def sync(run_dir: Path, dest: Path) -> None:
 
 def base_evaluation(cfg, tag_dir: Path, run_dir: Path) -> Path | None:
     """A run of the tag whose evaluation before adaptation is the one ``cfg`` would make (same model,
-    data, evaluation settings, seed and threads: ``spine_ttrl.rundir.before_eval_mismatch``), to be
+    data, evaluation settings, seed and threads: ``spine_ttrl.rundir.check_before_from``), to be
     reused with ``eval.before_from``; None if there is none."""
-    from spine_ttrl.config import load_toml, to_dict
-    from spine_ttrl.rundir import before_eval_mismatch, last_eval
+    from spine_ttrl.rundir import check_before_from
 
-    this = to_dict(cfg)
+    probe = copy.deepcopy(cfg)
     for d in sorted(tag_dir.glob("*-s*")):
-        if d != run_dir and (d / "config.toml").exists() and last_eval(d, "before") is not None \
-                and (d / "eval_records.jsonl").exists() and before_eval_mismatch(load_toml(d / "config.toml"), this) is None:
-            return d
+        probe.eval.before_from = str(d)
+        try:
+            if d != run_dir and check_before_from(probe):
+                return d
+        except ValueError:
+            continue
     return None
 
 

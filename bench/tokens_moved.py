@@ -92,20 +92,6 @@ def moved(base_h: torch.Tensor, h: torch.Tensor, logp: torch.Tensor, mask: torch
     return out
 
 
-def score(model, batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, entropies) (B, T) of the completion tokens, no gradient, 4 rows at a time."""
-    from spine_ttrl.engine.scoring import score_completions
-
-    B, T = batch[4].shape
-    logp, ent = torch.zeros(B, T), torch.zeros(B, T)
-    with torch.no_grad():
-        for i in range(0, B, 4):
-            rows = list(range(i, min(i + 4, B)))
-            lp, h, t = score_completions(model, batch, rows, temperature=temperature, chunk_size=1024)
-            logp[rows, :t], ent[rows, :t] = lp.float(), h.float()
-    return logp, ent
-
-
 def _render(out: dict) -> str:
     lines = [f"# Which tokens moved: {out['tag']}", "",
              f"{out['completions']} base greedy completions, {out['tokens']} tokens, {out['forks']} base forks "
@@ -143,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from spine_ttrl.data import load_examples, resolve_task
     from spine_ttrl.engine.builtin import lora_settings
     from spine_ttrl.engine.models import load_model_and_tokenizer
-    from spine_ttrl.engine.scoring import build_training_batch
+    from spine_ttrl.engine.scoring import build_training_batch, score_batch
     from spine_ttrl.prompting import encode_examples
 
     dirs = [args.runs_root / args.tag / r for r in args.runs]
@@ -167,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     pieces = [[tok.decode([t]) for t in c] for c in completions]
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    base_logp, base_h = score(model, batch, temperature)
+    base_logp, base_h = score_batch(model, batch, 4, temperature=temperature, chunk_size=1024)
     forks = fork_mask(base_h, mask)
     models = {"base": {"step": 0, **moved(base_h, base_h, base_logp, mask, forks, pieces)}}
     for name, d in zip(args.runs, dirs):
@@ -177,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         load_trainable_state(model, initial)
         load_trainable_state(model, load_checkpoint(ckpts[-1])["model"])
-        logp, h = score(model, batch, temperature)
+        logp, h = score_batch(model, batch, 4, temperature=temperature, chunk_size=1024)
         step = int(ckpts[-1].name.split("-")[-1])
         models[name] = {"step": step, **moved(base_h, h, logp, mask, forks, pieces)}
         print(f"{name} (step {step}): entropy at base forks {models[name]['entropy_forks']:.3f}", flush=True)

@@ -201,27 +201,30 @@ def before_eval_mismatch(other: dict, this: dict) -> str | None:
     return None
 
 
-def check_before_from(cfg) -> Path:
-    """The run directory named by ``eval.before_from``, after checking that it holds an evaluation
-    before adaptation made with this run's settings; ValueError naming what differs otherwise."""
+def check_before_from(cfg) -> dict[str, dict]:
+    """The ``before`` lines of the ``eval.jsonl`` and ``eval_records.jsonl`` of the run directory
+    named by ``eval.before_from`` ({file name: line}), after checking that they were made with this
+    run's settings; ValueError naming what differs or is missing otherwise."""
     src = Path(cfg.eval.before_from)
     if not (src / "config.toml").exists():
         raise ValueError(f"eval.before_from {src}: not a run directory (no config.toml)")
     why = before_eval_mismatch(config_mod.load_toml(src / "config.toml"), config_mod.to_dict(cfg))
     if why:
         raise ValueError(f"eval.before_from {src}: its evaluation before adaptation used other settings ({why})")
+    lines = {}
     for name in ("eval.jsonl", "eval_records.jsonl"):
-        if not any(r.get("tag") == "before" for r in read_jsonl(src / name)):
+        found = [r for r in read_jsonl(src / name) if r.get("tag") == "before"]
+        if not found:
             raise ValueError(f"eval.before_from {src}: no evaluation before adaptation in {name}")
-    return src
+        lines[name] = found[-1]
+    return lines
 
 
 def reuse_eval_before(cfg, out_dir: Path) -> dict[str, float]:
     """Copy the ``before`` lines of ``eval.before_from``'s ``eval.jsonl`` and ``eval_records.jsonl``
     (checked by :func:`check_before_from`) into ``out_dir``; returns the metrics as :func:`last_eval`."""
-    src = check_before_from(cfg)
-    for name in ("eval.jsonl", "eval_records.jsonl"):
-        append_jsonl(out_dir / name, [r for r in read_jsonl(src / name) if r.get("tag") == "before"][-1])
+    for name, line in check_before_from(cfg).items():
+        append_jsonl(out_dir / name, line)
     return last_eval(out_dir, "before")
 
 
