@@ -89,14 +89,16 @@ def sync(run_dir: Path, dest: Path) -> None:
             shutil.copyfile(run_dir / name, dest / name)
 
 
-def base_evaluation(cfg, tag_dir: Path, run_dir: Path) -> Path | None:
+def base_evaluation(cfg, tag_dirs: list[Path], run_dir: Path) -> Path | None:
     """A run of the tag whose evaluation before adaptation is the one ``cfg`` would make (same model,
     data, evaluation settings, seed and threads: ``spine_ttrl.rundir.check_before_from``), to be
-    reused with ``eval.before_from``; None if there is none."""
+    reused with ``eval.before_from``; None if there is none. ``tag_dirs`` are searched in order: the
+    runs' own directories, then their logs synced into ``bench/results`` (which hold everything the
+    check and the copy need, so a machine without the runs' directories still skips it)."""
     from spine_ttrl.rundir import check_before_from
 
     probe = copy.deepcopy(cfg)
-    for d in sorted(tag_dir.glob("*-s*")):
+    for d in [d for tag_dir in tag_dirs for d in sorted(tag_dir.glob("*-s*"))]:
         probe.eval.before_from = str(d)
         try:
             if d != run_dir and check_before_from(probe):
@@ -116,7 +118,7 @@ def run_one(args, method: str, seed: int, lr: float, n_questions: int) -> None:
     cfg = run_config(args, method, seed, lr, run_dir, n_questions)
     if (run_dir / "config.toml").exists():
         cfg.run.resume, cfg.run.out = str(run_dir), ""
-    elif args.reuse_before and (src := base_evaluation(cfg, args.runs_root / args.tag, run_dir)) is not None:
+    elif args.reuse_before and (src := base_evaluation(cfg, [args.runs_root / args.tag, ROOT / args.tag], run_dir)) is not None:
         cfg.eval.before_from = str(src)  # the base model's sampled evaluation is the same for every run
     print(f"== {args.tag}/{name}: {cfg.optim.steps} steps", flush=True)
     adapt(cfg)

@@ -626,13 +626,15 @@ def test_long_runs_reuse_a_matching_base_evaluation(tmp_path):
 
     def cfg(preset, seed):
         return make_config(preset, overrides={"data": {"data": "arith:5:16:4242"}, "run": {"seed": seed}})
-    old = tmp_path / "ttrl-lr0.0001-s0"
-    old.mkdir()
+    runs, synced = tmp_path / "runs", tmp_path / "results"
+    old = synced / "ttrl-lr0.0001-s0"  # only its synced logs are left (a machine without the run's directory)
+    old.mkdir(parents=True)
     (old / "config.toml").write_text(to_toml(cfg("ttrl", 0)))
-    new = tmp_path / "spine-lr0.0001-s0"
-    assert long.base_evaluation(cfg("spine", 0), tmp_path, new) is None  # no evaluation made yet
+    new = runs / "spine-lr0.0001-s0"
+    assert long.base_evaluation(cfg("spine", 0), [runs, synced], new) is None  # no evaluation made yet
     (old / "eval.jsonl").write_text(json.dumps({"tag": "before", "step": 0, "eval/greedy_pass@1": 0.5}) + "\n")
     (old / "eval_records.jsonl").write_text(json.dumps({"tag": "before", "step": 0, "records": []}) + "\n")
-    assert long.base_evaluation(cfg("spine", 0), tmp_path, new) == old  # another preset, same evaluation
-    assert long.base_evaluation(cfg("spine", 1), tmp_path, new) is None  # another seed samples otherwise
-    assert long.base_evaluation(cfg("ttrl", 0), tmp_path, old) is None  # never itself
+    assert long.base_evaluation(cfg("spine", 0), [runs, synced], new) == old  # another preset, same evaluation
+    assert long.base_evaluation(cfg("spine", 0), [runs], new) is None  # only where it is told to look
+    assert long.base_evaluation(cfg("spine", 1), [runs, synced], new) is None  # another seed samples otherwise
+    assert long.base_evaluation(cfg("ttrl", 0), [runs, synced], old) is None  # never itself
