@@ -81,12 +81,24 @@ def run_config(args, method: str, seed: int, lr: float, out: Path, n_questions: 
     return make_config(method, overrides=overrides)
 
 
-def sync(run_dir: Path, dest: Path) -> None:
-    """Copy a run's small logs into the repository's results folder."""
+def _steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+
+def sync(run_dir: Path, dest: Path) -> bool:
+    """Copy a run's small logs into the repository's results folder; False (and nothing copied) when
+    the copy there has more steps than the run, i.e. the run was started again on a machine that had
+    lost its checkpoints: its logs replace the longer ones only once it has caught up."""
+    if _steps_logged(dest) > _steps_logged(run_dir):
+        print(f"not synced: {dest} has {_steps_logged(dest)} steps, {run_dir} only {_steps_logged(run_dir)}",
+              file=sys.stderr)
+        return False
     dest.mkdir(parents=True, exist_ok=True)
     for name in SYNCED:
         if (run_dir / name).exists():
             shutil.copyfile(run_dir / name, dest / name)
+    return True
 
 
 def base_evaluation(cfg, tag_dirs: list[Path], run_dir: Path) -> Path | None:

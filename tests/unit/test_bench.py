@@ -638,3 +638,24 @@ def test_long_runs_reuse_a_matching_base_evaluation(tmp_path):
     assert long.base_evaluation(cfg("spine", 0), [runs], new) is None  # only where it is told to look
     assert long.base_evaluation(cfg("spine", 1), [runs, synced], new) is None  # another seed samples otherwise
     assert long.base_evaluation(cfg("ttrl", 0), [runs, synced], old) is None  # never itself
+
+
+def test_long_sync_never_replaces_longer_logs(tmp_path):
+    long = _long()
+    run, dest = tmp_path / "run", tmp_path / "results" / "run"
+    run.mkdir()
+
+    def log(d, steps):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.jsonl").write_text("".join(f'{{"step": {i}}}\n' for i in range(1, steps + 1)))
+        (d / "config.toml").write_text(f"# {steps}\n")
+    log(run, 2)
+    assert long.sync(run, dest) and (dest / "config.toml").read_text() == "# 2\n"  # first copy
+    log(dest, 14)  # the copy of a run whose checkpoints were lost, started again with 3 steps
+    log(run, 3)
+    assert not long.sync(run, dest)
+    assert (dest / "config.toml").read_text() == "# 14\n" and long._steps_logged(dest) == 14
+    log(run, 14)  # caught up
+    assert long.sync(run, dest) and (dest / "config.toml").read_text() == "# 14\n" == (run / "config.toml").read_text()
+    log(run, 15)
+    assert long.sync(run, dest) and long._steps_logged(dest) == 15
