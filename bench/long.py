@@ -460,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--micro-batch-size", type=int, default=4,
                    help="rows per forward/backward (the same update at any size; 4 keeps an update of the 0.5B model near 7 GiB)")
-    p.add_argument("--precision", default="auto")
+    p.add_argument("--precision", default="bf16",
+                   help="compute precision, pinned so that a run resumed on another machine computes the same way "
+                        "(auto is bf16 on one CPU and fp32 on another); bf16 = bf16 autocast, fp32 weights")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], help="section.field=value overrides")
     p.add_argument("--variant", default="")

@@ -39,7 +39,7 @@ from .data import load_examples, resolve_task
 from .engine import SamplingParams
 from .engine.builtin import check_sampler, load_builtin_engine
 from .engine.memory import fix_mmap_threshold, peak_memory_metrics, reset_peak_memory
-from .engine.precision import autocast_dtype_for, bf16_supported, resolve_device  # noqa: F401 (autocast_dtype_for, bf16_supported: re-exported)
+from .engine.precision import autocast_dtype_for, bf16_supported, compute_name, resolve_device  # noqa: F401 (autocast_dtype_for, bf16_supported: re-exported)
 from .engine.scoring import batch_to_device, build_training_batch, micro_batches, score_batch, score_completions  # noqa: F401
 from .embeddings import check_embedder, load_embedder
 from .engine.tree import TreeSampler
@@ -112,16 +112,16 @@ def adapt(config: Config) -> RunResult:
     log.info(f"{len(examples)} questions, task={task}, preset={cfg.preset}, device={eng.device}, "
              f"precision={'bf16 autocast, fp32 weights' if eng.autocast_dtype else 'fp32'}")
     result = RunResult(out_dir=out_dir, config=cfg, model=eng.model, tokenizer=eng.tokenizer)
-
     params = [p for p in eng.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, o) if params else None
     # Separate generators, so that evaluation or a change of selection never shifts sampling.
     state = TrainState(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o)) if optimizer else None,
-                       eng.generator(run.seed), torch.Generator().manual_seed(run.seed + 1))
+                       eng.generator(run.seed), torch.Generator().manual_seed(run.seed + 1),
+                       compute=compute_name(eng.device, eng.autocast_dtype))
     if checkpoints:
-        state.restore(eng.model, checkpoints[-1], out_dir)
+        changed = state.restore(eng.model, checkpoints[-1], out_dir)
         result.metrics = read_jsonl(out_dir / "metrics.jsonl")
-        log.info(f"resumed {out_dir} from {checkpoints[-1].name}: continuing at step {state.step + 1}")
+        log.info(f"resumed {out_dir} from {checkpoints[-1].name}: continuing at step {state.step + 1}" + changed)
     elif run.resume:
         log.info(f"{out_dir}: no checkpoint yet, starting the run again from step 1")
     before = last_eval(out_dir, "before")
@@ -263,7 +263,8 @@ def evaluate_run(eng, qs: Questions, cfg: Config, tag: str, step: int, out_dir: 
         res = evaluate_prompts(eng.sampler, qs.examples[:n], qs.prompt_ids[:n], qs.task, params,
                                seed=cfg.run.seed + 2, progress=bar)
     res.metrics["time_s"] = time.perf_counter() - t0
-    append_jsonl(out_dir / "eval.jsonl", {"tag": tag, "step": step, **{f"eval/{k}": v for k, v in res.metrics.items()}})
+    append_jsonl(out_dir / "eval.jsonl", {"tag": tag, "step": step, "compute": compute_name(eng.device, eng.autocast_dtype),
+                                          **{f"eval/{k}": v for k, v in res.metrics.items()}})
     append_jsonl(out_dir / "eval_records.jsonl", {"tag": tag, "step": step, "records": res.records})
     log.info(f"eval {tag}: " + format_eval(res.metrics))
     return res

@@ -91,6 +91,7 @@ class TrainState:
     warned: set[str] = field(default_factory=set)
     band_anchor: tuple[float, float] | None = None
     entropy_reg: dict = field(default_factory=dict)  # the entropy regulariser's anchor or coefficient
+    compute: str = ""  # engine.precision.compute_name of this machine, saved with every checkpoint
 
     def save(self, model, out_dir: Path, keep: int) -> None:
         """Checkpoint the state at ``self.step`` with the JSONL line counts it belongs to."""
@@ -100,10 +101,12 @@ class TrainState:
             "selection_rng": self.selection_gen.get_state(), "order": list(self.order), "step": self.step,
             "lines": {n: count_lines(out_dir / n) for n in LOG_FILES}, "warned": sorted(self.warned),
             "band_anchor": list(self.band_anchor) if self.band_anchor else None,
-            "entropy_reg": dict(self.entropy_reg)}, keep=keep)
+            "entropy_reg": dict(self.entropy_reg), "compute": self.compute}, keep=keep)
 
-    def restore(self, model, checkpoint: Path, out_dir: Path) -> None:
-        """Load a checkpoint into the model and this state; cut the JSONL files back to it."""
+    def restore(self, model, checkpoint: Path, out_dir: Path) -> str:
+        """Load a checkpoint into the model and this state; cut the JSONL files back to it. Returns
+        a warning (to append to the log line) when the checkpoint was made on a machine that computes
+        otherwise than this one (``compute``), else ''."""
         state = load_checkpoint(checkpoint)
         load_trainable_state(model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -116,6 +119,10 @@ class TrainState:
         self.warned = set(state.get("warned", []))
         self.band_anchor = tuple(state["band_anchor"]) if state.get("band_anchor") else None
         self.entropy_reg = dict(state.get("entropy_reg", {}))
+        if state.get("compute", self.compute) == self.compute:
+            return ""
+        return (f"\nwarning: the run so far computed in {state['compute']}, this machine computes in {self.compute}: "
+                "from here on it samples other tokens than it would have; set --precision to keep one")
 
 
 def next_questions(state: TrainState, n: int, num_examples: int) -> list[int]:
@@ -204,7 +211,11 @@ def before_eval_mismatch(other: dict, this: dict) -> str | None:
 def check_before_from(cfg) -> dict[str, dict]:
     """The ``before`` lines of the ``eval.jsonl`` and ``eval_records.jsonl`` of the run directory
     named by ``eval.before_from`` ({file name: line}), after checking that they were made with this
-    run's settings; ValueError naming what differs or is missing otherwise."""
+    run's settings and computed the same way (device type and precision as resolved on this
+    machine, ``engine.precision.compute_name``: ``precision = auto`` is bf16 on one CPU and fp32 on
+    another); ValueError naming what differs or is missing otherwise."""
+    from .engine.precision import autocast_dtype_for, compute_name, resolve_device
+
     src = Path(cfg.eval.before_from)
     if not (src / "config.toml").exists():
         raise ValueError(f"eval.before_from {src}: not a run directory (no config.toml)")
@@ -217,6 +228,12 @@ def check_before_from(cfg) -> dict[str, dict]:
         if not found:
             raise ValueError(f"eval.before_from {src}: no evaluation before adaptation in {name}")
         lines[name] = found[-1]
+    device = resolve_device(cfg.model.device)
+    here, there = compute_name(device, autocast_dtype_for(cfg.model.precision, device)), lines["eval.jsonl"].get("compute")
+    if there != here:
+        raise ValueError(f"eval.before_from {src}: its evaluation before adaptation computed in "
+                         f"{there or 'an unrecorded precision'}, this run computes in {here}; "
+                         "set --precision to match, or let the run evaluate itself")
     return lines
 
 

@@ -48,6 +48,16 @@ def test_other_settings_or_no_evaluation_are_refused_before_anything_is_written(
     assert main(["adapt", *ARGS, "--before-from", str(e), "--out", str(d)]) == 2
     assert "no evaluation before adaptation" in capsys.readouterr().err and not d.exists()
     assert main(["adapt", *ARGS, "--before-from", str(tmp_path / "nowhere"), "--out", str(d)]) == 2
+    # made on a machine that computes otherwise (precision = auto is bf16 on one CPU, fp32 on another)
+    lines = [json.loads(x) for x in (a / "eval.jsonl").read_text().splitlines()]
+    assert {r["compute"] for r in lines} <= {"cpu fp32", "cpu bf16"}
+    for other in ("cuda bf16", None):
+        for r in lines:
+            r["compute"] = other
+        (a / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        assert main(["adapt", *ARGS, "--before-from", str(a), "--out", str(d)]) == 2
+        err = capsys.readouterr().err
+        assert f"computed in {other or 'an unrecorded precision'}, this run computes in cpu " in err and not d.exists()
     assert main(["adapt", *ARGS, "--skip-eval-before", "--before-from", str(a), "--out", str(d)]) == 2
     assert "exclude each other" in capsys.readouterr().err and not d.exists()
 
@@ -61,3 +71,22 @@ def test_before_eval_mismatch_names_the_first_setting_that_differs():
     assert before_eval_mismatch(base, other) is None  # training-only settings do not matter
     other["model"]["lora_r"] = 0
     assert before_eval_mismatch(base, other) == "model.lora_r: 16 there, 0 here"
+
+
+def test_a_resume_on_a_machine_that_computes_otherwise_says_so(tmp_path, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    assert main(["adapt", *ARGS, "--skip-eval-before", "--save-every", "1", "--out", str(run)]) == 0
+    here = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])["compute"]
+    state_file = run / "checkpoints" / "step-000001" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["compute"] == here
+    state["compute"] = "cuda bf16"  # as if the first step had run on a GPU
+    torch.save(state, state_file)
+    capsys.readouterr()
+    assert main(["adapt", "--resume", str(run), "--steps", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"the run so far computed in cuda bf16, this machine computes in {here}" in out
+    state = torch.load(run / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
+    assert state["compute"] == here  # the newest checkpoint records the machine that made it

@@ -632,8 +632,15 @@ def test_long_runs_reuse_a_matching_base_evaluation(tmp_path):
     (old / "config.toml").write_text(to_toml(cfg("ttrl", 0)))
     new = runs / "spine-lr0.0001-s0"
     assert long.base_evaluation(cfg("spine", 0), [runs, synced], new) is None  # no evaluation made yet
-    (old / "eval.jsonl").write_text(json.dumps({"tag": "before", "step": 0, "eval/greedy_pass@1": 0.5}) + "\n")
+    from spine_ttrl.engine.precision import autocast_dtype_for, compute_name
+
+    here = compute_name("cpu", autocast_dtype_for("auto", "cpu"))
     (old / "eval_records.jsonl").write_text(json.dumps({"tag": "before", "step": 0, "records": []}) + "\n")
+    for there in ("cuda fp32", "cpu bf16" if here == "cpu fp32" else "cpu fp32"):  # made on another machine
+        line = {"tag": "before", "step": 0, "compute": there, "eval/greedy_pass@1": 0.5}
+        (old / "eval.jsonl").write_text(json.dumps(line) + "\n")
+        assert long.base_evaluation(cfg("spine", 0), [runs, synced], new) is None
+    (old / "eval.jsonl").write_text(json.dumps(dict(line, compute=here)) + "\n")
     assert long.base_evaluation(cfg("spine", 0), [runs, synced], new) == old  # another preset, same evaluation
     assert long.base_evaluation(cfg("spine", 0), [runs], new) is None  # only where it is told to look
     assert long.base_evaluation(cfg("spine", 1), [runs, synced], new) is None  # another seed samples otherwise

@@ -65,6 +65,13 @@ def autocast_dtype_for(precision: str, device: torch.device | str = "cpu") -> to
     return None
 
 
+def compute_name(device: torch.device | str, autocast_dtype: torch.dtype | None) -> str:
+    """How a run computes, as recorded in its evaluations and checkpoints: the device type and
+    ``bf16`` (bf16 autocast, fp32 weights) or ``fp32``, e.g. ``"cpu bf16"``. ``precision = auto``
+    resolves differently on different machines, and the two sample different tokens."""
+    return f"{torch.device(device).type} {'bf16' if autocast_dtype is torch.bfloat16 else 'fp32'}"
+
+
 @contextlib.contextmanager
 def autocast_context(dtype: torch.dtype | None, model=None, enabled: bool = True):
     """Autocast to ``dtype`` on the model's device type (a null context if ``dtype`` is None).
