@@ -139,7 +139,7 @@ class EvalConfig:
     eval_top_p: float = _f(0.95, "Top-p of the sampled evaluation.")
     eval_max_new_tokens: int = _f(0, "Longest evaluation completion (0 = same as max_new_tokens).")
     skip_eval_before: bool = _f(False, "Skip the evaluation before adaptation.")
-    before_from: str = _f("", "Reuse the evaluation before adaptation of this run directory instead of computing it: it must have been made with the same model, data, evaluation and sampling-batch settings, seed, threads and engine (checked; any difference is an error), so it is the evaluation this run would make. Saves the sampled evaluation of the base model when several runs start from it.")
+    before_from: str = _f("", "Reuse the evaluation before adaptation of this run directory instead of computing it: it must have been made with the same model, data, evaluation and sampling-batch settings, seed, threads and engine, computed in the same precision on the same kind of device (checked; any difference is an error), so it is the evaluation this run would make. Saves the sampled evaluation of the base model when several runs start from it.")
 
 
 @dataclass
