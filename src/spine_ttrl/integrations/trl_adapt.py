@@ -198,7 +198,8 @@ class RunDirCallback(TrainerCallback):
             if tr.accelerator.is_main_process:
                 was_training = model.training
                 vision = getattr(tr.processing_class, "image_processor", None) is not None
-                eng = SimpleNamespace(model=model, sampler=sampler_for(model, tr.processing_class, amp, vision))
+                eng = SimpleNamespace(model=model, sampler=sampler_for(model, tr.processing_class, amp, vision),
+                                      device=tr.accelerator.device, autocast_dtype=amp)
                 self.evals[tag] = evaluate_run(eng, self.qs, self.cfg, tag, step, self.out_dir, self.log)
                 model.train(was_training)
             tr.accelerator.wait_for_everyone()
