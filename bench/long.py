@@ -82,17 +82,18 @@ def run_config(args, method: str, seed: int, lr: float, out: Path, n_questions: 
 
 
 def _steps_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+    from spine_ttrl.checkpoint import count_lines
+
+    return count_lines(run_dir / "metrics.jsonl")
 
 
 def sync(run_dir: Path, dest: Path) -> bool:
     """Copy a run's small logs into the repository's results folder; False (and nothing copied) when
     the copy there has more steps than the run, i.e. the run was started again on a machine that had
     lost its checkpoints: its logs replace the longer ones only once it has caught up."""
-    if _steps_logged(dest) > _steps_logged(run_dir):
-        print(f"not synced: {dest} has {_steps_logged(dest)} steps, {run_dir} only {_steps_logged(run_dir)}",
-              file=sys.stderr)
+    there, here = _steps_logged(dest), _steps_logged(run_dir)
+    if there > here:
+        print(f"not synced: {dest} has {there} steps, {run_dir} only {here}", file=sys.stderr)
         return False
     dest.mkdir(parents=True, exist_ok=True)
     for name in SYNCED:
