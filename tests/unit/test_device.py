@@ -67,3 +67,11 @@ def test_generators_and_batches_follow_the_engine_device():
     assert g.device == torch.device("cpu")
     # the same stream as the former CPU generator: the CPU path is unchanged
     assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=torch.Generator().manual_seed(7)))
+
+
+def test_compute_name_records_device_type_and_precision():
+    from spine_ttrl.engine.precision import compute_name
+
+    assert compute_name("cpu", None) == "cpu fp32"
+    assert compute_name(torch.device("cpu"), torch.bfloat16) == "cpu bf16"
+    assert compute_name("cuda:1", torch.bfloat16) == "cuda bf16"  # the index is not part of how it computes
