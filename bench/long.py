@@ -173,13 +173,15 @@ def episode_of(step: int, per_episode: int) -> float:
 
 
 def per_episode_means(metrics: list[dict], per_episode: int, key: str) -> list[float]:
-    """Mean of ``key`` over each episode's steps (NaN-free values; NaN for an episode without any)."""
+    """Mean of ``key`` over each complete episode's steps (NaN-free values; NaN for an episode without
+    any). A trailing episode whose last step is not logged yet is left out: its mean would cover only
+    some of the questions."""
     out: dict[int, list[float]] = {}
     for m in metrics:
         v = m.get(key)
         if isinstance(v, (int, float)) and math.isfinite(v):
             out.setdefault((int(m["step"]) - 1) // per_episode, []).append(float(v))
-    n = max(out) + 1 if out else 0
+    n = max((int(m["step"]) for m in metrics), default=0) // per_episode if out else 0
     return [float(np.mean(out[e])) if e in out else float("nan") for e in range(n)]
 
 
@@ -276,6 +278,13 @@ def source_curves(runs: list[dict], episodes: list[float]) -> dict[str, list[flo
     return out
 
 
+def _standard_error(v: np.ndarray | None) -> float | None:
+    """Standard error of a mean over questions, sd / √n (sample sd); None without ≥ 2 questions."""
+    if v is None or len(v) < 2:
+        return None
+    return float(np.std(v, ddof=1) / math.sqrt(len(v)))
+
+
 def summarise_key(runs: list[dict]) -> dict:
     """Curves and episode statistics of one run key, seeds averaged."""
     curves = [dict(greedy_curve(r)) for r in runs]
@@ -304,7 +313,9 @@ def summarise_key(runs: list[dict]) -> dict:
             if k.startswith("eval/") and (k.startswith("eval/avg@") or k.startswith("eval/maj@")) and not k.endswith("_se"):
                 sampled[f"{tag}/{k[5:]}"] = float(np.mean([v[k] for v in vals if k in v]))
     before = _question_vector(runs, 0.0) if 0.0 in episodes else None
+    greedy_se = [_standard_error(_question_vector(runs, e)) for e in episodes]
     return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "episodes": episodes, "greedy": greedy,
+            "greedy_se": greedy_se,
             "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
             "series": series, "sampled": sampled, "questions": 0 if before is None else len(before),
             "by_source": source_curves(runs, episodes), "flips_final": flips(runs, final), "fork_entropy": fork_h}
@@ -330,10 +341,13 @@ def compare(a: list[dict], b: list[dict], episode: float | None) -> dict | None:
 def questions_for_halfwidth(c: dict | None, questions: int, target: float = 0.03) -> int | None:
     """Questions a paired interval needs for a half-width of ``target`` (3 points), from one
     measured at ``questions`` questions: the half-width shrinks as 1/√n, so
-    n' = ⌈n · (h / target)²⌉ with h = (ci_high − ci_low) / 2. None without an interval."""
+    n' = ⌈n · (h / target)²⌉ with h = (ci_high − ci_low) / 2. None without an interval, and
+    for a zero-width one (the two runs answered every question alike: nothing to extrapolate)."""
     if not c or questions < 1:
         return None
     h = (c["ci_high"] - c["ci_low"]) / 2
+    if h <= 0:
+        return None
     return max(1, math.ceil(questions * (h / target) ** 2 - 1e-9))
 
 
@@ -399,6 +413,14 @@ def render(out: dict) -> str:
     lines += ["", "Greedy pass@1 per evaluated episode:", ""]
     for k, s in out["keys"].items():
         lines.append(f"- {k}: " + ", ".join(f"ep{_f(e, 0)} {_f(v)}" for e, v in zip(s["episodes"], s["greedy"])))
+    lines += ["", "Per training episode (means over its steps and the seeds): completion length, majority share, "
+              "top-20 % (forking-token) entropy in nats:", ""]
+    for k, s in out["keys"].items():
+        for name, key, digits in (("length", "completion/length_mean", 0), ("majority", "vote/majority_ratio", 2),
+                                  ("fork H", None, 2)):
+            v = s.get("fork_entropy") if key is None else s["series"].get(key)
+            if v:
+                lines.append(f"- {k}, {name}: " + ", ".join(f"ep{i} {_f(x, digits)}" for i, x in enumerate(v, 1)))
     moved = [(k, s["flips_final"]) for k, s in out["keys"].items() if s.get("flips_final")]
     if moved:
         lines += ["", "Which greedy answers moved, before → final episode (question-seed pairs; \"onto the "
@@ -423,18 +445,26 @@ def render(out: dict) -> str:
 
 
 def plot(out: dict, path: Path) -> None:
-    """Greedy pass@1, forking-token entropy and completion length per episode, one line per run key."""
+    """Greedy pass@1 (with its 95 % interval, ±1.96 standard errors over the questions), forking-token
+    entropy, completion length and majority share per episode, one line per run key."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 4))
+    fig = Figure(figsize=(19, 4))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
+    axes = fig.subplots(1, 4)
     for k, s in out["keys"].items():
-        axes[0].plot(s["episodes"], s["greedy"], marker="o", label=k)
-        for ax, v in ((axes[1], s.get("fork_entropy") or []), (axes[2], s["series"].get("completion/length_mean") or [])):
+        line, = axes[0].plot(s["episodes"], s["greedy"], marker="o", label=k)
+        band = [(e, g, se) for e, g, se in zip(s["episodes"], s["greedy"], s.get("greedy_se") or []) if se is not None]
+        if band:
+            e, g, se = (np.array(x) for x in zip(*band))
+            axes[0].fill_between(e, np.clip(g - 1.96 * se, 0, 1), np.clip(g + 1.96 * se, 0, 1),
+                                 color=line.get_color(), alpha=0.12)
+        for ax, v in ((axes[1], s.get("fork_entropy") or []), (axes[2], s["series"].get("completion/length_mean") or []),
+                      (axes[3], s["series"].get("vote/majority_ratio") or [])):
             ax.plot(range(1, len(v) + 1), v, label=k)
-    for ax, title in zip(axes, ("greedy pass@1", "forking-token entropy (nats)", "completion length (tokens)")):
+    for ax, title in zip(axes, ("greedy pass@1 (95 % interval)", "forking-token entropy (nats)",
+                                "completion length (tokens)", "majority share of the rollouts")):
         ax.set_title(title)
         ax.set_xlabel("episode")
     axes[0].legend(fontsize=7)

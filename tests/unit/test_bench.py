@@ -419,6 +419,7 @@ def test_long_stop_rule_and_episode_means():
     assert long.stop_episode([], []) is None
     steps = [{"step": 1, "x": 1.0}, {"step": 2, "x": 3.0}, {"step": 3, "x": float("nan")}, {"step": 4, "x": 5.0}]
     assert long.per_episode_means(steps, 2, "x") == [2.0, 5.0]  # NaN left out of episode 2
+    assert long.per_episode_means(steps + [{"step": 5, "x": 9.0}], 2, "x") == [2.0, 5.0]  # episode 3 incomplete
     assert long.episode_steps(16, 4) == 4 and long.episode_steps(17, 4) == 5
 
 
@@ -458,6 +459,8 @@ def test_long_summary_curves_best_final_and_paired_differences(tmp_path, monkeyp
     s = out["keys"]["spine-lr0.0001"]
     assert s["seeds"] == 2 and s["episodes"] == [0.0, 1.0, 2.0]
     assert s["greedy"] == pytest.approx([0.25, 0.875, 0.75])  # seeds averaged
+    # sd / √n over the seed-averaged question vectors [1,0,0,0], [1,1,1,.5], [1,1,1,0]
+    assert s["greedy_se"] == pytest.approx([0.5 / 2, 0.25 / 2, 0.5 / 2])
     assert s["best_episode"] == 1.0 and s["final_episode"] == 2.0
     # per question at the final episode: spine [1, 1, 1, 0] vs ttrl [1, 1, 0, 0] -> +0.25
     comp = out["comparisons"]["spine-lr0.0001"]
@@ -466,10 +469,13 @@ def test_long_summary_curves_best_final_and_paired_differences(tmp_path, monkeyp
     assert comp["vs_ttrl-lr0.0001/best"]["diff"] == pytest.approx((0.875 - 0.5))
     assert (tmp_path / "t" / "summary.md").exists() and (tmp_path / "t" / "curves.png").stat().st_size > 1000
     assert s["questions"] == 4
+    md = (tmp_path / "t" / "summary.md").read_text()
+    assert "- spine-lr0.0001, length: ep1 100, ep2 100" in md and "- ttrl-lr0.0001, majority: ep1 0.50, ep2 0.50" in md
     # half-width h = (ci_high - ci_low) / 2 at n questions -> n (h / 0.03)^2 for ±3 points
     assert long.questions_for_halfwidth({"ci_low": -0.1, "ci_high": 0.2}, 16) == 16 * 25  # h = 0.15
     assert long.questions_for_halfwidth({"ci_low": 0.0, "ci_high": 0.06}, 64) == 64
     assert long.questions_for_halfwidth(None, 16) is None
+    assert long.questions_for_halfwidth({"ci_low": 0.0, "ci_high": 0.0}, 16) is None  # identical runs
     c = comp["vs_ttrl-lr0.0001/final"]
     half = 100 * (c["ci_high"] - c["ci_low"]) / 2
     row = next(line for line in (tmp_path / "t" / "summary.md").read_text().splitlines()
