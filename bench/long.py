@@ -25,8 +25,9 @@ Examples::
 
 The summary (``summary.md``, ``summary.json``, ``curves.png`` under ``bench/results/long/<tag>/``) reports
 per run key (method, variant, learning rate; seeds averaged): greedy pass@1 at every evaluated
-episode, the final and the best episode, avg@k / maj@k before and after, and per episode the mean
-completion length, majority share, forking-token entropy and update size; paired-bootstrap 95 %
+episode (plotted with its 95 % interval over the questions), the final and the best episode, avg@k /
+maj@k before and after, and per complete episode the mean completion length, majority share,
+forking-token entropy and update size; paired-bootstrap 95 %
 intervals (questions resampled) of every run key against ``ttrl`` and against the base at the final
 and the best episode; and the episode the label-free stopping rule picks (:func:`stop_episode`).
 """
