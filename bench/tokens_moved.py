@@ -13,6 +13,9 @@ the ``spine`` preset selects). For the base and for each checkpoint the script r
   base's greedy text);
 - per token category (digit, operator or math symbol, whitespace, word, other) the share of the base
   forks in it and their mean entropy before and after;
+- per token category over *all* tokens of the text (not only the forks) its share, mean entropy and
+  mean log-probability: whether a model became less sure of the base's digits (an arithmetic slip in
+  a greedy answer is a digit token whose probability fell);
 - the token strings whose fork entropy fell the most in total.
 
 Usage::
@@ -68,7 +71,8 @@ def moved(base_h: torch.Tensor, h: torch.Tensor, logp: torch.Tensor, mask: torch
     ``base_h``, ``h``, ``logp``, ``mask``, ``forks``: (B, T); ``pieces[b][t]`` the decoded token.
     Returns mean entropy over all valid tokens and over the forks, the share of forks whose
     entropy is below half the base's, the mean log-probability of the valid tokens, per category
-    {share of forks, base entropy, entropy}, and the ``top`` token strings by total entropy drop at
+    {share of forks, base entropy, entropy}, per category over all valid tokens {share, entropy,
+    log-probability} (``all_categories``), and the ``top`` token strings by total entropy drop at
     the forks [(piece, count, base mean, mean)]."""
     out = {"entropy_all": h[mask].mean().item(), "entropy_forks": h[forks].mean().item(),
            "forks_below_half": (h[forks] < 0.5 * base_h[forks]).float().mean().item(),
@@ -87,6 +91,15 @@ def moved(base_h: torch.Tensor, h: torch.Tensor, logp: torch.Tensor, mask: torch
     n = max(int(forks.sum()), 1)
     out["categories"] = {k: {"fork_share": v[0] / n, "base": v[1] / v[0] if v[0] else math.nan,
                              "now": v[2] / v[0] if v[0] else math.nan} for k, v in cats.items()}
+    every = {c: [0, 0.0, 0.0] for c in CATEGORIES}
+    for b, t in mask.nonzero().tolist():
+        c = every[token_category(pieces[b][t])]
+        c[0] += 1
+        c[1] += h[b, t].item()
+        c[2] += logp[b, t].item()
+    n_all = max(int(mask.sum()), 1)
+    out["all_categories"] = {k: {"share": v[0] / n_all, "entropy": v[1] / v[0] if v[0] else math.nan,
+                                 "logp": v[2] / v[0] if v[0] else math.nan} for k, v in every.items()}
     ranked = sorted(drops.items(), key=lambda kv: kv[1][2] - kv[1][1])[:top]
     out["top_drops"] = [(p, v[0], v[1] / v[0], v[2] / v[0]) for p, v in ranked]
     return out
@@ -107,6 +120,13 @@ def _render(out: dict) -> str:
         cells = [f"{c['fork_share']:.2f}: {c['base']:.2f} → {c['now']:.2f}" if c["fork_share"] else "–"
                  for c in (r["categories"][k] for k in CATEGORIES)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if all("all_categories" in r for r in out["models"].values()):
+        lines += ["", "All tokens of the text by category: share, then mean entropy / mean log-probability of "
+                  "the base's token:", "", "| model | " + " | ".join(CATEGORIES) + " |", "|---|" + "---|" * len(CATEGORIES)]
+        for name, r in out["models"].items():
+            cells = [f"{c['share']:.2f}: {c['entropy']:.3f} / {c['logp']:.3f}" if c["share"] else "–"
+                     for c in (r["all_categories"][k] for k in CATEGORIES)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, r in out["models"].items():
         if name == "base":
             continue

@@ -621,6 +621,13 @@ def test_tokens_moved_categories_and_fork_statistics():
     assert r["categories"]["word"] == pytest.approx({"fork_share": 0.5, "base": 0.9, "now": 0.6})
     assert r["categories"]["math"]["fork_share"] == 0
     assert [d[0] for d in r["top_drops"]] == ["3", " the"]  # total drop 0.6, then 0.3
+    # all 9 valid tokens: digits "3", " 4", " 7" (0.4, 0.8, 0.1); math " +", " =" (0.1, 0.1); words (0.3, 0.6, 0.2)
+    assert r["all_categories"]["digit"] == pytest.approx({"share": 3 / 9, "entropy": 1.3 / 3, "logp": -0.5})
+    assert r["all_categories"]["math"] == pytest.approx({"share": 2 / 9, "entropy": 0.1, "logp": -0.5})
+    assert r["all_categories"]["word"]["share"] == pytest.approx(4 / 9)  # " So", " the", " answer", " is"
+    md = tm._render({"tag": "t", "completions": 2, "tokens": 9, "forks": 2, "temperature": 0.8,
+                     "models": {"base": {"step": 0, **r}}})
+    assert "| base | 0.33: 0.433 / -0.500 |" in md
 
 
 def test_long_runs_reuse_a_matching_base_evaluation(tmp_path):
