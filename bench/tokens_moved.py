@@ -24,7 +24,7 @@ Usage::
     python bench/tokens_moved.py --tag tune-L5 --runs ttrl-lr0.0001-s0 spine-lr0.0001-s0 --threads 1
 
 writes ``bench/results/long/<tag>/tokens_moved.{json,md}``. A run's checkpoint must still exist
-(``~/.cache/spine-ttrl/bench/long/<tag>/<run>/checkpoints/``: finished runs delete theirs).
+(``~/.cache/spine-ttrl/bench/long/<tag>/<run>/checkpoints/``; a finished run keeps its last one).
 """
 from __future__ import annotations
 
