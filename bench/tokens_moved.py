@@ -77,29 +77,22 @@ def moved(base_h: torch.Tensor, h: torch.Tensor, logp: torch.Tensor, mask: torch
     out = {"entropy_all": h[mask].mean().item(), "entropy_forks": h[forks].mean().item(),
            "forks_below_half": (h[forks] < 0.5 * base_h[forks]).float().mean().item(),
            "logp_mean": logp[mask].mean().item()}
-    cats, drops = {c: [0, 0.0, 0.0] for c in CATEGORIES}, {}
+    def tally(table: dict, key, x: torch.Tensor, y: torch.Tensor, b: int, t: int) -> None:
+        v = table.setdefault(key, [0, 0.0, 0.0])  # count, sum of x, sum of y
+        v[0], v[1], v[2] = v[0] + 1, v[1] + x[b, t].item(), v[2] + y[b, t].item()
+
+    def means(table: dict, n: int, names: tuple[str, str, str]) -> dict:
+        return {k: {names[0]: v[0] / n, names[1]: v[1] / v[0] if v[0] else math.nan,
+                    names[2]: v[2] / v[0] if v[0] else math.nan} for k, v in table.items()}
+
+    cats, drops, every = {c: [0, 0.0, 0.0] for c in CATEGORIES}, {}, {c: [0, 0.0, 0.0] for c in CATEGORIES}
     for b, t in forks.nonzero().tolist():
-        piece = pieces[b][t]
-        c = cats[token_category(piece)]
-        c[0] += 1
-        c[1] += base_h[b, t].item()
-        c[2] += h[b, t].item()
-        d = drops.setdefault(piece, [0, 0.0, 0.0])
-        d[0] += 1
-        d[1] += base_h[b, t].item()
-        d[2] += h[b, t].item()
-    n = max(int(forks.sum()), 1)
-    out["categories"] = {k: {"fork_share": v[0] / n, "base": v[1] / v[0] if v[0] else math.nan,
-                             "now": v[2] / v[0] if v[0] else math.nan} for k, v in cats.items()}
-    every = {c: [0, 0.0, 0.0] for c in CATEGORIES}
+        tally(cats, token_category(pieces[b][t]), base_h, h, b, t)
+        tally(drops, pieces[b][t], base_h, h, b, t)
     for b, t in mask.nonzero().tolist():
-        c = every[token_category(pieces[b][t])]
-        c[0] += 1
-        c[1] += h[b, t].item()
-        c[2] += logp[b, t].item()
-    n_all = max(int(mask.sum()), 1)
-    out["all_categories"] = {k: {"share": v[0] / n_all, "entropy": v[1] / v[0] if v[0] else math.nan,
-                                 "logp": v[2] / v[0] if v[0] else math.nan} for k, v in every.items()}
+        tally(every, token_category(pieces[b][t]), h, logp, b, t)
+    out["categories"] = means(cats, max(int(forks.sum()), 1), ("fork_share", "base", "now"))
+    out["all_categories"] = means(every, max(int(mask.sum()), 1), ("share", "entropy", "logp"))
     ranked = sorted(drops.items(), key=lambda kv: kv[1][2] - kv[1][1])[:top]
     out["top_drops"] = [(p, v[0], v[1] / v[0], v[2] / v[0]) for p, v in ranked]
     return out
