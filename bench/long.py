@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import paired_bootstrap, parse_sets, run_key  # noqa: E402
+from quality import _mean_se, paired_bootstrap, parse_sets, run_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent / "results" / "long"
 RUNS_ROOT = Path("~/.cache/spine-ttrl/bench/long").expanduser()
@@ -280,13 +280,6 @@ def source_curves(runs: list[dict], episodes: list[float]) -> dict[str, list[flo
     return out
 
 
-def _standard_error(v: np.ndarray | None) -> float | None:
-    """Standard error of a mean over questions, sd / √n (sample sd); None without ≥ 2 questions."""
-    if v is None or len(v) < 2:
-        return None
-    return float(np.std(v, ddof=1) / math.sqrt(len(v)))
-
-
 def summarise_key(runs: list[dict]) -> dict:
     """Curves and episode statistics of one run key, seeds averaged."""
     curves = [dict(greedy_curve(r)) for r in runs]
@@ -315,7 +308,9 @@ def summarise_key(runs: list[dict]) -> dict:
             if k.startswith("eval/") and (k.startswith("eval/avg@") or k.startswith("eval/maj@")) and not k.endswith("_se"):
                 sampled[f"{tag}/{k[5:]}"] = float(np.mean([v[k] for v in vals if k in v]))
     before = _question_vector(runs, 0.0) if 0.0 in episodes else None
-    greedy_se = [_standard_error(_question_vector(runs, e)) for e in episodes]
+    # standard error over the questions, sd / √n; None without ≥ 2 questions
+    greedy_se = [_mean_se(v)[1] if (v := _question_vector(runs, e)) is not None and len(v) > 1 else None
+                 for e in episodes]
     return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "episodes": episodes, "greedy": greedy,
             "greedy_se": greedy_se,
             "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
