@@ -413,9 +413,9 @@ def render(out: dict) -> str:
     lines += ["", "Per training episode (means over its steps and the seeds): completion length, majority share, "
               "top-20 % (forking-token) entropy in nats:", ""]
     for k, s in out["keys"].items():
-        for name, key, digits in (("length", "completion/length_mean", 0), ("majority", "vote/majority_ratio", 2),
-                                  ("fork H", None, 2)):
-            v = s.get("fork_entropy") if key is None else s["series"].get(key)
+        for name, v, digits in (("length", s["series"].get("completion/length_mean"), 0),
+                                ("majority", s["series"].get("vote/majority_ratio"), 2),
+                                ("fork H", s.get("fork_entropy"), 2)):
             if v:
                 lines.append(f"- {k}, {name}: " + ", ".join(f"ep{i} {_f(x, digits)}" for i, x in enumerate(v, 1)))
     moved = [(k, s["flips_final"]) for k, s in out["keys"].items() if s.get("flips_final")]
