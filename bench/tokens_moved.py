@@ -16,7 +16,12 @@ the ``spine`` preset selects). For the base and for each checkpoint the script r
 - per token category over *all* tokens of the text (not only the forks) its share, mean entropy and
   mean log-probability: whether a model became less sure of the base's digits (an arithmetic slip in
   a greedy answer is a digit token whose probability fell);
-- the token strings whose fork entropy fell the most in total.
+- the token strings whose fork entropy fell the most in total;
+- against a fixed entropy band [low, high] (by default the anchored band of the first listed run
+  that has one, ``band_anchor=first``): the share of each model's *own* forks on the text below and
+  above the band, and the token categories of those forks. Below the band the ``spine`` band term
+  raises a fork's entropy, above it lowers it. (Approximation: in training the forks are chosen on
+  the model's own samples, here on the base's greedy text.)
 
 Usage::
 
@@ -98,6 +103,39 @@ def moved(base_h: torch.Tensor, h: torch.Tensor, logp: torch.Tensor, mask: torch
     return out
 
 
+def band_sides(h: torch.Tensor, mask: torch.Tensor, low: float, high: float, pieces: list[list[str]]) -> dict:
+    """Where a model's own forks sit against a fixed band [low, high].
+
+    forks = the top-20 % entropy valid tokens of ``h`` (B, T) over the batch (``fork_mask``);
+    below = forks with H < low, above = forks with H > high. Returns ``below`` = |below| / |forks|,
+    ``above`` = |above| / |forks|, and per token category the share of the forks (``fork_mix``), of
+    the below-band forks (``below_mix``) and of the above-band forks (``above_mix``) in it (each mix
+    sums to 1; all zero when its set is empty)."""
+    forks = fork_mask(h, mask)
+    sides = {"fork_mix": forks, "below_mix": forks & (h < low), "above_mix": forks & (h > high)}
+    n = max(int(forks.sum()), 1)
+    out = {"low": low, "high": high, "below": int(sides["below_mix"].sum()) / n, "above": int(sides["above_mix"].sum()) / n}
+    for key, sel in sides.items():
+        counts = dict.fromkeys(CATEGORIES, 0)
+        for b, t in sel.nonzero().tolist():
+            counts[token_category(pieces[b][t])] += 1
+        total = sum(counts.values())
+        out[key] = {c: k / total if total else 0.0 for c, k in counts.items()}
+    return out
+
+
+def anchored_band(dirs: list[Path]) -> tuple[float, float] | None:
+    """The anchored band (``band/anchor_low``, ``band/anchor_high`` of the first logged step) of
+    the first run directory that has one, else None."""
+    for d in dirs:
+        f = d / "metrics.jsonl"
+        if f.exists() and (line := f.read_text().split("\n", 1)[0].strip()):
+            first = json.loads(line)
+            if "band/anchor_low" in first:
+                return first["band/anchor_low"], first["band/anchor_high"]
+    return None
+
+
 def _render(out: dict) -> str:
     lines = [f"# Which tokens moved: {out['tag']}", "",
              f"{out['completions']} base greedy completions, {out['tokens']} tokens, {out['forks']} base forks "
@@ -120,6 +158,17 @@ def _render(out: dict) -> str:
             cells = [f"{c['share']:.2f}: {c['entropy']:.3f} / {c['logp']:.3f}" if c["share"] else "–"
                      for c in (r["all_categories"][k] for k in CATEGORIES)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if all("band" in r for r in out["models"].values()):
+        low, high = out["band"]
+        lines += ["", f"Each model's own forks (top 20 % of its entropies on the text) against the band "
+                  f"[{low:.3f}, {high:.3f}]: share below (entropy pushed up) and above (pushed down), then the "
+                  "token categories of the forks below and above it:", "",
+                  "| model | below | above | below: " + " / ".join(CATEGORIES) + " | above: " + " / ".join(CATEGORIES) + " |",
+                  "|---|---|---|---|---|"]
+        for name, r in out["models"].items():
+            b = r["band"]
+            mix = lambda m: " / ".join(f"{m[c]:.2f}" for c in CATEGORIES)
+            lines.append(f"| {name} | {b['below']:.2f} | {b['above']:.2f} | {mix(b['below_mix'])} | {mix(b['above_mix'])} |")
     for name, r in out["models"].items():
         if name == "base":
             continue
@@ -134,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", nargs="+", required=True, help="run directory names under --runs-root/--tag")
     p.add_argument("--runs-root", type=Path, default=RUNS_ROOT)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--band", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="entropy band to place each model's forks against (default: the anchored band of the "
+                        "first listed run that has one; without either the band table is left out)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,9 +218,17 @@ def main(argv: list[str] | None = None) -> int:
     pieces = [[tok.decode([t]) for t in c] for c in completions]
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
+    band = tuple(args.band) if args.band else anchored_band(dirs)
+
+    def stats(h: torch.Tensor, logp: torch.Tensor) -> dict:
+        out = moved(base_h, h, logp, mask, forks, pieces)
+        if band:
+            out["band"] = band_sides(h, mask, band[0], band[1], pieces)
+        return out
+
     base_logp, base_h = score_batch(model, batch, 4, temperature=temperature, chunk_size=1024)
     forks = fork_mask(base_h, mask)
-    models = {"base": {"step": 0, **moved(base_h, base_h, base_logp, mask, forks, pieces)}}
+    models = {"base": {"step": 0, **stats(base_h, base_logp)}}
     for name, d in zip(args.runs, dirs):
         ckpts = list_checkpoints(d)
         if not ckpts:
@@ -178,10 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         load_trainable_state(model, load_checkpoint(ckpts[-1])["model"])
         logp, h = score_batch(model, batch, 4, temperature=temperature, chunk_size=1024)
         step = int(ckpts[-1].name.split("-")[-1])
-        models[name] = {"step": step, **moved(base_h, h, logp, mask, forks, pieces)}
+        models[name] = {"step": step, **stats(h, logp)}
         print(f"{name} (step {step}): entropy at base forks {models[name]['entropy_forks']:.3f}", flush=True)
     out = {"tag": args.tag, "completions": len(recs), "tokens": int(mask.sum()), "forks": int(forks.sum()),
-           "temperature": temperature, "models": models}
+           "temperature": temperature, "band": band, "models": models}
     dest = ROOT / args.tag
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "tokens_moved.json").write_text(json.dumps(out, indent=1))

@@ -628,6 +628,29 @@ def test_tokens_moved_categories_and_fork_statistics():
     md = tm._render({"tag": "t", "completions": 2, "tokens": 9, "forks": 2, "temperature": 0.8,
                      "models": {"base": {"step": 0, **r}}})
     assert "| base | 0.33: 0.433 / -0.500 |" in md
+    # the model's own forks on the text: 0.8 at " 4" (digit) and 0.6 at " the" (word)
+    b = tm.band_sides(now, mask, 0.65, 0.75, pieces)
+    assert (b["below"], b["above"]) == (0.5, 0.5)  # 0.6 < 0.65; 0.8 > 0.75
+    assert b["below_mix"]["word"] == 1.0 and b["above_mix"]["digit"] == 1.0
+    assert b["fork_mix"] == pytest.approx({"digit": 0.5, "math": 0.0, "space": 0.0, "word": 0.5, "other": 0.0})
+    empty = tm.band_sides(now, mask, 0.0, 1.0, pieces)  # every fork inside the band
+    assert (empty["below"], empty["above"]) == (0.0, 0.0) and set(empty["below_mix"].values()) == {0.0}
+    md = tm._render({"tag": "t", "completions": 2, "tokens": 9, "forks": 2, "temperature": 0.8, "band": (0.65, 0.75),
+                     "models": {"base": {"step": 0, **r, "band": b}}})
+    assert "| base | 0.50 | 0.50 | 0.00 / 0.00 / 0.00 / 1.00 / 0.00 | 1.00 / 0.00 / 0.00 / 0.00 / 0.00 |" in md
+
+
+def test_tokens_moved_reads_the_anchored_band_of_the_first_run_that_has_one(tmp_path):
+    import json
+
+    tm = _load("tokens_moved")
+    plain, anchored = tmp_path / "ttrl", tmp_path / "spine"
+    for d, line in ((plain, {"step": 1, "band/low_mean": 0.1}),
+                    (anchored, {"step": 1, "band/anchor_low": 0.29, "band/anchor_high": 0.65})):
+        d.mkdir()
+        (d / "metrics.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(dict(line, step=2)) + "\n")
+    assert tm.anchored_band([plain, anchored]) == (0.29, 0.65)
+    assert tm.anchored_band([plain, tmp_path / "missing"]) is None
 
 
 def test_long_runs_reuse_a_matching_base_evaluation(tmp_path):
