@@ -99,6 +99,7 @@ class SpineConfig:
     beta_low: float = _f(1.0, "Band weight for forking tokens below the band (pushes entropy up).")
     beta_up: float = _f(1.0, "Band weight for forking tokens above the band (pushes entropy down).")
     band_anchor: str = _f("none", "Where the band edges come from: none = from each response's own forking tokens at every update (the paper); first = pooled over all forking tokens of the first update, then fixed for the run (a SIREN-style anchor, our option: the per-response band keeps half of every response's forks above its median).", ("none", "first"))
+    band_rows: str = _f("all", "Which responses the band acts on: all (the paper: also when every advantage is 0, so the band alone moves the model on a step where every rollout agreed) or contested (our option: only responses with a non-zero advantage, i.e. questions whose rollouts disagree; no reward signal, no band).", ("all", "contested"))
     kl_coef: float = _f(0.0, "Coefficient of the k3 KL to the frozen initial model (0 = off, no reference model kept).")
     kl_tokens: str = _f("selected", "Tokens the KL is computed on: the selected (forking) tokens or all completion tokens.", ("selected", "all"))
     token_weights: str = _f("none", "Per-token weights on the policy term: none or steer (STEER: from the first-order entropy-change estimate |A/pi_old x p(1-p)(log p + H)| of each selected token, mapped to [0.8, 1.2], largest change smallest weight; computed once per batch from the behaviour policy, costs one no-grad scoring pass).", ("none", "steer"))
@@ -190,6 +191,7 @@ class Config:
             (0 <= self.spine.rho <= 1, "rho must be in [0, 1]"),
             (0 <= self.spine.band_low_q <= self.spine.band_high_q <= 1, "need 0 <= band_low_q <= band_high_q <= 1"),
             (self.spine.band_anchor == "none" or self.spine.band != "none", "band_anchor=first needs a band (band=quantile or mad)"),
+            (self.spine.band_rows == "all" or self.spine.band != "none", "band_rows=contested needs a band (band=quantile or mad)"),
             (self.spine.window_size >= 1, "window_size must be >= 1"),
             (0 <= self.spine.entropy_reg_quantile < 1, "entropy_reg_quantile must be in [0, 1)"),
             (0 < self.spine.entropy_reg_top_p <= 1, "entropy_reg_top_p must be in (0, 1]"),

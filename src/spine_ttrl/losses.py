@@ -34,6 +34,7 @@ __all__ = [
     "band_edges",
     "pooled_band_edges",
     "band_penalty",
+    "contested_rows",
     "policy_loss",
     "kl_penalty",
     "quantile_linear",
@@ -482,6 +483,28 @@ TOKEN_WEIGHTS = {"none": _no_weights, "steer": steer_token_weights}
 #: coefficient. The loop's state (the anchor, the coefficient) lives in
 #: :mod:`spine_ttrl.update`.
 ENTROPY_REGULARIZERS = {"none": None, "anchored": anchored_entropy_penalty, "adaptive": entropy_bonus}
+
+
+def contested_rows(advantages: torch.Tensor) -> torch.Tensor:
+    """The responses that carry a reward signal: keep_i = (A_i ≠ 0).
+
+    Under a 0/1 reward with group normalisation, a question's advantages are all 0 exactly when
+    its rewards are all equal (every vote agrees, or none parses) and all non-zero otherwise, so
+    this keeps whole questions whose rollouts disagree. Shapes: advantages (B,) → (B,) bool.
+    Example: [0.5, −0.5, 0, 0] → [True, True, False, False].
+    """
+    return advantages != 0
+
+
+def _all_rows(advantages: torch.Tensor) -> torch.Tensor:
+    return torch.ones(advantages.shape, dtype=torch.bool, device=advantages.device)
+
+
+#: ``band_rows`` setting → which responses the band acts on, ``(advantages (B,)) -> (B,) bool``:
+#: ``all`` (the paper: the band acts on every response, also when all advantages are 0) or
+#: ``contested`` (:func:`contested_rows`). A new rule is one entry here and one choice in
+#: ``SpineConfig.band_rows``.
+BAND_ROWS = {"all": _all_rows, "contested": contested_rows}
 
 
 #: Band name (the ``--band`` setting) → edge function

@@ -28,6 +28,7 @@ one update moves the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import torch
 from .engine.models import output_head
 from .engine.precision import autocast_context
 from .engine.scoring import micro_batches, pad_cols, score_batch, score_completions
-from .losses import (ADVANTAGE_SHAPINGS, BANDS, TOKEN_WEIGHTS, adaptive_entropy_coef, anchored_entropy_penalty,
+from .losses import (ADVANTAGE_SHAPINGS, BAND_ROWS, BANDS, TOKEN_WEIGHTS, adaptive_entropy_coef, anchored_entropy_penalty,
                      band_penalty, entropy_bonus, kl_penalty, policy_loss, pooled_band_edges, quantile_linear,
                      response_mean_entropy)
 from .selection import select_tokens, top_entropy_mask
@@ -256,7 +257,8 @@ class _GradientPass:
 
     def _prepare(self) -> None:
         """Once the Selection is known, for the whole batch from the behaviour policy: shape the
-        advantages (EAR), weigh the selected tokens (STEER), fix the entropy regulariser's mask
+        advantages (EAR), keep the band to the contested responses (``band_rows``), weigh the
+        selected tokens (STEER), fix the entropy regulariser's mask
         (SIREN: positions above the batch's entropy quantile) or its coefficient (Skywork-OR1)."""
         sp, sel, mask, nan = self.sp, self.sel, self.token_mask, float("nan")
         self.prepared = True
@@ -272,6 +274,11 @@ class _GradientPass:
             w = self.weights[sel.fork_mask]
             self.extra.update({"policy/token_weight_min": w.min().item() if w.numel() else nan,
                                "policy/token_weight_max": w.max().item() if w.numel() else nan})
+        if sel.low is not None and sp.band_rows != "all":
+            keep = BAND_ROWS[sp.band_rows](self.advantages)
+            self.extra["band/rows_fraction"] = keep.float().mean().item()
+            gate = lambda e: torch.where(keep, e, torch.full_like(e, nan))  # noqa: E731 (NaN edges: no band)
+            self.sel = sel = dataclasses.replace(sel, low=gate(sel.low), high=gate(sel.high))
         if sp.entropy_reg == "anchored":
             cut = quantile_linear(sel.entropies.reshape(1, -1), mask.reshape(1, -1), sp.entropy_reg_quantile)[0]
             self.reg_mask = mask & (sel.entropies > cut)

@@ -13,7 +13,7 @@ import torch
 
 from spine_ttrl import cli
 from spine_ttrl.losses import adaptive_entropy_coef, batch_advantages, group_advantages
-from spine_ttrl.rewards import leave_one_out_rewards, novelty_rewards, ttrv_rewards
+from spine_ttrl.rewards import leave_one_out_rewards, majority_rewards, novelty_rewards, ttrv_rewards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_text import save_tiny_model, write_jsonl  # noqa: E402
@@ -159,6 +159,23 @@ def test_selection_signal_window(files, tmp_path):
     assert "selection/signal_forking_mean" in m and "selection/signal_forking_mean" not in plain
     assert 0.2 <= m["tokens/selected_fraction"] < 0.3
     assert m["entropy/forking_mean"] != pytest.approx(plain["entropy/forking_mean"])  # other tokens selected
+
+
+def test_band_rows_contested(files, tmp_path):
+    # at temperature 0.2 the tiny model's first step has one contested and one unanimous question,
+    # its second step two unanimous ones
+    flags = ("--preset", "spine", "--temperature", "0.2", "--scope", "response", "--rho", "0.5")  # forks in every row
+    steps = adapt(files, tmp_path / "run", *flags, "--band-rows", "contested", steps=2)
+    fractions = []
+    for step, m in enumerate(steps, 1):
+        voted = _voted(tmp_path / "run", step)  # the trained questions, 4 rows each
+        contested = [len(set(majority_rewards(a))) > 1 for a in voted]
+        fractions.append(m["band/rows_fraction"])
+        assert m["band/rows_fraction"] == pytest.approx(sum(contested) / len(voted))
+        assert (m["loss/band"] == 0) == (not any(contested))
+    assert fractions == [0.5, 0.0]
+    plain = adapt(files, tmp_path / "plain", *flags)[0]  # the same samples at step 1, every row banded
+    assert "band/rows_fraction" not in plain and plain["loss/band"] > steps[0]["loss/band"] > 0
 
 
 def test_rollout_tree_ettrl(files, tmp_path):

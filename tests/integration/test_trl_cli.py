@@ -103,6 +103,7 @@ def test_resume_continues_from_trl_checkpoint(model_and_data, tmp_path):
     (["--reward", "novelty"], "--engine trl supports reward=majority|frequency|ttrv|leave-one-out"),
     (["--preset", "ettrl"], "(got advantage_shaping=ear, rollout=tree)"),
     (["--preset", "siren"], "(got entropy_reg=anchored)"),
+    (["--preset", "spine", "--band-rows", "contested"], "(got band_rows=contested)"),
     (["--advantage-norm", "batch", "--token-weights", "steer", "--selection-signal", "window"],
      "(got advantage_norm=batch, token_weights=steer, selection_signal=window)"),
 ])

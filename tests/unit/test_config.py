@@ -61,6 +61,8 @@ def test_validation():
         make_config("spine", overrides={"spine": {"band_anchor": "last"}})
     with pytest.raises(ValueError, match="spine.band must be one of"):
         make_config("spine", overrides={"spine": {"band": "bogus"}})
+    with pytest.raises(ValueError, match="band_rows=contested needs a band"):
+        make_config("ttrl", overrides={"spine": {"band_rows": "contested"}})
     with pytest.raises(ValueError, match="band_anchor=first needs a band"):
         make_config("ttrl", overrides={"spine": {"band_anchor": "first"}})
     assert make_config("spine-v2", overrides={"spine": {"band_anchor": "first"}}).spine.band_anchor == "first"

@@ -310,3 +310,12 @@ def test_band_gradient_moves_true_entropy_in_the_right_direction():
         h1 = token_entropy(logits - 0.5 * logits.grad)
     assert h1[0, 0] > h0[0, 0] + 1e-4
     assert h1[0, 1] < h0[0, 1] - 1e-4
+
+
+def test_contested_rows_by_hand():
+    from spine_ttrl.losses import BAND_ROWS, contested_rows
+
+    adv = torch.tensor([0.5, -0.5, 0.0, 0.0, 1e-7])
+    assert contested_rows(adv).tolist() == [True, True, False, False, True]
+    assert BAND_ROWS["all"](adv).tolist() == [True] * 5
+    assert BAND_ROWS["contested"] is contested_rows

@@ -198,3 +198,50 @@ def test_selection_metrics_give_a_top20_fork_entropy_for_any_selection():
     one[1, 0] = True
     m = Selection(fork_mask=one, low=None, high=None, entropies=ent).metrics(mask)
     assert m["entropy/forking_mean"] == pytest.approx(0.5) and m["entropy/top20_mean"] == pytest.approx(0.8)
+
+
+def test_band_rows_contested_keeps_the_band_off_questions_whose_rollouts_agree():
+    # group 0 (rows 0-1) disagrees, group 1 (rows 2-3) is unanimous: A = [1, -1, 0, 0]
+    adv = group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2)
+    assert adv[:2].tolist() == pytest.approx([1.0, -1.0], abs=1e-5) and adv[2:].tolist() == [0.0, 0.0]
+    # scope=response: every response has forks, so each has a band (half its forks above its median)
+    _, every = _update("spine", 4, adv=adv, scope="response")
+    _, gated = _update("spine", 4, adv=adv, scope="response", band_rows="contested")
+    assert gated["band/rows_fraction"] == 0.5 and "band/rows_fraction" not in every
+    assert 0 < gated["loss/band"] < every["loss/band"]  # the band of rows 2-3 is dropped
+    # all four rows unanimous: with the paper's rule the band alone moves the weights, gated nothing moves
+    zero = torch.zeros(4)
+    moved, m_all = _update("spine", 4, adv=zero, scope="response")
+    still, m_gated = _update("spine", 4, adv=zero, scope="response", band_rows="contested")
+    assert m_all["loss/band"] > 0 and m_gated["loss/band"] == 0 and m_gated["band/rows_fraction"] == 0
+    assert math.isnan(m_gated["band/low_mean"])  # no response has a band: no band metrics
+    base = tiny_llama(seed=1).float()
+    assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), moved.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(base.parameters(), still.parameters()))
+
+
+def test_band_rows_contested_gives_the_band_of_the_contested_rows_alone():
+    # the gated band loss equals the band over the contested rows: recomputed by hand from the
+    # update's own selection (behaviour entropies given, so the selection is known in advance)
+    from spine_ttrl.losses import band_penalty
+    from spine_ttrl.update import select_forks
+
+    g = torch.Generator().manual_seed(3)
+    mask = _batch()[4]
+    ent = (torch.rand(mask.shape, generator=g) * 2).masked_fill(~mask, 0.0)
+    adv = group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2)
+    _, m = _update("spine", 4, adv=adv, behaviour_entropy=ent, band_rows="contested")
+    sp = make_config("spine").spine
+    sel = select_forks(ent, mask, sp, 2)
+    # the first gradient pass runs the sampling weights, so its entropies are the model's, not `ent`;
+    # the band edges and forks come from `ent`. Rows 2-3 must contribute nothing:
+    rows = torch.tensor([True, True, False, False])
+    nan = torch.full((4,), float("nan"))
+    model = tiny_llama(seed=1).float()
+    from spine_ttrl.engine.scoring import score_batch
+    _, h = score_batch(model, _batch(), 4, temperature=0.7, chunk_size=128)
+    expect = band_penalty(h, sel.fork_mask, torch.where(rows, sel.low, nan), torch.where(rows, sel.high, nan),
+                          sp.beta_low, sp.beta_up, int(mask.sum()))
+    assert expect.item() > 0 and m["loss/band"] == pytest.approx(expect.item(), rel=1e-5)
+    ungated = band_penalty(h, sel.fork_mask, sel.low, sel.high, sp.beta_low, sp.beta_up, int(mask.sum()))
+    assert ungated.item() > expect.item()  # rows 2-3 do have a band when it is not gated

@@ -76,7 +76,7 @@ def check_trl_config(cfg: Config, num_processes: int = 1) -> None:
     new = {"reward": (sp.reward, "majority|frequency|ttrv|leave-one-out"), "advantage_norm": (sp.advantage_norm, "group"),
            "advantage_shaping": (sp.advantage_shaping, "none"), "token_weights": (sp.token_weights, "none"),
            "entropy_reg": (sp.entropy_reg, "none"), "selection_signal": (sp.selection_signal, "token"),
-           "rollout": (s.rollout, "flat")}
+           "rollout": (s.rollout, "flat"), "band_rows": (sp.band_rows, "all")}
     bad = [f"{k}={v}" for k, (v, ok) in new.items() if v not in ok.split("|")]
     if bad:
         raise ValueError(f"--engine trl supports {', '.join(f'{k}={ok}' for k, (_, ok) in new.items())} only "
