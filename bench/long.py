@@ -3,8 +3,10 @@
 A fixed set of questions is adapted on for ``--episodes`` passes (an episode = every question once:
 ``ceil(questions / questions_per_step)`` steps), with a greedy evaluation of every question every
 ``--eval-every-episodes`` episodes and the sampled avg@k / maj@k before and after. Every run logs
-the update-size diagnostics (``--diagnostics``: weight change, KL(new‖old), gradient norm of each
-loss term) so step sizes can be compared between methods.
+the update-size diagnostics (``diagnostics``: weight change, KL(new‖old), gradient norm of each
+loss term) so step sizes can be compared between methods, on the first step of every episode
+(``diagnostics_every`` = one episode: on every step they cost an extra no-grad pass and one
+backward per loss term, ≈ 30 % of a SPINE step on the benchmark model).
 
 Runs are resumable: each run directory lives under ``--runs-root`` (default
 ``~/.cache/spine-ttrl/bench/long``, outside the work tree, with a checkpoint after every step);
@@ -68,7 +70,8 @@ def run_config(args, method: str, seed: int, lr: float, out: Path, n_questions: 
         "sampling": {"num_votes": args.votes, "num_train_samples": args.votes, "max_new_tokens": args.max_new_tokens,
                      "temperature": args.temperature},
         "optim": {"steps": args.episodes * per_episode, "questions_per_step": args.questions_per_step, "lr": lr,
-                  "micro_batch_size": args.micro_batch_size, "diagnostics": True},
+                  "micro_batch_size": args.micro_batch_size, "diagnostics": True,
+                  "diagnostics_every": per_episode},
         "eval": {"eval_every": args.eval_every_episodes * per_episode, "eval_every_samples": 0, "eval_samples": args.k,
                  "eval_temperature": args.eval_temperature, "eval_top_p": 1.0,
                  "eval_max_new_tokens": args.max_new_tokens},

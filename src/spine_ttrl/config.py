@@ -127,6 +127,7 @@ class OptimConfig:
     clip_eps: float = _f(0.2, "PPO clip range epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     diagnostics: bool = _f(False, "Also log the size of each update (weight change norm, KL(new||old) on the batch after the update) and the gradient norm of each loss term separately; costs one extra no-grad pass and one backward per loss term.")
+    diagnostics_every: int = _f(1, "With diagnostics: compute them on steps 1, 1 + k, 1 + 2k, ... only (the other steps run one backward and no extra pass; the update is the same either way, up to floating-point rounding).")
     logit_chunk_size: int = _f(128, "Rows per chunk in the chunked log-prob/entropy computation (bounds logits memory: chunk x vocabulary floats).")
 
 
@@ -201,6 +202,7 @@ class Config:
             (o.questions_per_step >= 1, "questions_per_step must be >= 1"),
             (o.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
             (o.updates_per_batch >= 1, "updates_per_batch must be >= 1"),
+            (o.diagnostics_every >= 1, "diagnostics_every must be >= 1"),
             (o.lr >= 0, "lr must be >= 0"),
             (self.eval.eval_samples >= 0, "eval_samples must be >= 0"),
             (self.eval.eval_every_samples >= -1, "eval_every_samples must be >= -1"),

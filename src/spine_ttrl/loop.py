@@ -222,7 +222,8 @@ def train_step(step: int, eng, qs: Questions, cfg: Config, state: TrainState, ou
     upd = update_on_batch(eng.model, state.optimizer, batch, advantages, sp, o, temperature=s.temperature,
                           group_size=G, amp=eng.autocast_dtype, ref_logp=ref_logp,
                           behaviour_entropy=behaviour_entropy, band_anchor=state.band_anchor,
-                          entropy_reg_state=state.entropy_reg, log=log)
+                          entropy_reg_state=state.entropy_reg, log=log,
+                          diagnostics=o.diagnostics and (step - 1) % o.diagnostics_every == 0)
     m.update(upd.metrics)
     state.entropy_reg = upd.entropy_reg_state
     anchor = upd.selection.anchor

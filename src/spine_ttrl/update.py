@@ -184,7 +184,7 @@ def _behaviour(model, batch, sp, o, *, temperature, group_size, amp, behaviour_e
 
 def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: float, group_size: int, amp=None,
                     ref_logp=None, behaviour_entropy=None, band_anchor=None, entropy_reg_state=None,
-                    log=None) -> UpdateResult:
+                    log=None, diagnostics: bool | None = None) -> UpdateResult:
     """Select forking tokens and run ``o.updates_per_batch`` optimiser updates on one batch.
 
     ``batch``: :func:`~spine_ttrl.engine.scoring.build_training_batch`'s tuple; ``advantages``
@@ -193,17 +193,19 @@ def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: 
     the detached log-probs of the first update's gradient pass, which runs with the sampling
     weights), else one no-grad scoring pass — skipped when one micro-batch and one update let
     the gradient pass provide them. ``ref_logp`` (B, T): the frozen model's log-probs (KL on).
-    With ``o.diagnostics`` the update-size and per-term gradient metrics are added.
+    With ``diagnostics`` (default ``o.diagnostics``) the update-size and per-term gradient metrics
+    are added; the loop passes it on every ``o.diagnostics_every``-th step only.
     ``entropy_reg_state``: the previous batch's ``UpdateResult.entropy_reg_state`` (None at first).
     """
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    diag = o.diagnostics if diagnostics is None else diagnostics
     t0 = time.perf_counter()
     old_logp, sel, fill_old = _behaviour(model, batch, sp, o, temperature=temperature, group_size=group_size, amp=amp,
                                          behaviour_entropy=behaviour_entropy, band_anchor=band_anchor)
     run = _GradientPass(model, batch, advantages, sp, o, temperature, group_size, amp, ref_logp, band_anchor,
-                        old_logp, sel, fill_old=fill_old, reg_state=entropy_reg_state)
+                        old_logp, sel, fill_old=fill_old, reg_state=entropy_reg_state, diagnostics=diag)
     m: dict[str, float] = {"time/scoring_s": time.perf_counter() - t0}
-    before = [p.detach().clone() for p in params] if o.diagnostics else None
+    before = [p.detach().clone() for p in params] if diag else None
     grad_norm, t_fb, t_opt = float("nan"), 0.0, 0.0
     model.train()
     for epoch in range(o.updates_per_batch):
@@ -222,7 +224,7 @@ def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: 
     m.update({"time/forward_backward_s": t_fb, "tokens/model_positions": float(run.stats.get("positions", 0)),
               "time/optimizer_s": t_opt, **run.agg, "optim/grad_norm": grad_norm,
               "optim/lr": optimizer.param_groups[0]["lr"]})
-    if o.diagnostics:
+    if diag:
         m.update(run.term_grad_norms())
         m.update(_update_size(model, batch, run.old_logp, params, before, o, temperature, amp))
     m.update(run.sel.metrics(batch[4]))
@@ -240,11 +242,11 @@ class _GradientPass:
     """
 
     def __init__(self, model, batch, advantages, sp, o, temperature, group_size, amp, ref_logp, band_anchor,
-                 old_logp, sel, *, fill_old: bool, reg_state: dict | None = None):
+                 old_logp, sel, *, fill_old: bool, reg_state: dict | None = None, diagnostics: bool = False):
         self.model, self.batch, self.advantages, self.sp, self.o = model, batch, advantages, sp, o
         self.temperature, self.group_size, self.amp, self.ref_logp = temperature, group_size, amp, ref_logp
         self.band_anchor, self.old_logp, self.sel, self.fill_old = band_anchor, old_logp, sel, fill_old
-        self.token_mask = batch[4]
+        self.token_mask, self.diagnostics = batch[4], diagnostics
         self.n_tokens = int(self.token_mask.sum())
         self.agg = dict.fromkeys(("loss/policy", "loss/band", "loss/kl", "policy/clip_fraction",
                                   "policy/approx_kl"), 0.0)
@@ -330,7 +332,7 @@ class _GradientPass:
         """One update's gradient over all micro-batches into ``p.grad``; True if the loss was not finite."""
         B, T = self.token_mask.shape
         last = epoch == self.o.updates_per_batch - 1
-        if self.o.diagnostics:
+        if self.diagnostics:
             self.term_grads = {}
         if self.sel is not None and not self.prepared:
             self._prepare()
@@ -359,7 +361,7 @@ class _GradientPass:
                 if not torch.isfinite(loss):
                     return True
                 with autocast_context(self.amp, self.model, enabled=False):  # backward outside autocast, cache kept
-                    if self.o.diagnostics:
+                    if self.diagnostics:
                         self._backward_by_term(parts, params)
                     else:
                         loss.backward()

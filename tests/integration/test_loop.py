@@ -166,3 +166,21 @@ def test_frequency_reward_greedy_only_intermediate_eval_and_diagnostics(tmp_path
     assert [e["tag"] for e in evals] == ["before", "step1", "after"]
     assert "eval/avg@2" in evals[0] and "eval/avg@2" in evals[2]
     assert "eval/greedy_pass@1" in evals[1] and not any(k.startswith("eval/avg@") for k in evals[1])
+
+
+def test_diagnostics_every_k_steps(tmp_path):
+    # steps 1 and 3 of 3 carry the update-size and per-term gradient metrics, step 2 does not
+    cfg = make_config("spine", overrides={
+        "data": {"data": "arith:1:2:4"},
+        "sampling": {"num_votes": 4, "num_train_samples": 4, "max_new_tokens": 16},
+        "optim": {"steps": 3, "questions_per_step": 2, "micro_batch_size": 8, "lr": 1e-5, "diagnostics": True,
+                  "diagnostics_every": 2},
+        "eval": {"eval_samples": 0, "eval_max_new_tokens": 4, "skip_eval_before": True},
+        "run": {"out": str(tmp_path / "run"), "progress": False, "seed": 2},
+    })
+    res = adapt(cfg)
+    assert [m["step"] for m in res.metrics] == [1, 2, 3]
+    has = [("update/weight_change_norm" in m, "grad/band_norm" in m) for m in res.metrics]
+    assert has == [(True, True), (False, False), (True, True)]
+    with pytest.raises(ValueError, match="diagnostics_every must be >= 1"):
+        make_config("spine", overrides={"optim": {"diagnostics_every": 0}})
