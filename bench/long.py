@@ -52,6 +52,7 @@ from quality import _mean_se, paired_bootstrap, parse_sets, run_key  # noqa: E40
 ROOT = Path(__file__).resolve().parent / "results" / "long"
 RUNS_ROOT = Path("~/.cache/spine-ttrl/bench/long").expanduser()
 SYNCED = ("config.toml", "metrics.jsonl", "eval.jsonl", "eval_records.jsonl")
+MAJORITIES = "majorities.jsonl"  # written by sync from samples.jsonl: the training majority per question and step
 
 
 def episode_steps(questions: int, questions_per_step: int) -> int:
@@ -103,7 +104,60 @@ def sync(run_dir: Path, dest: Path) -> bool:
     for name in SYNCED:
         if (run_dir / name).exists():
             shutil.copyfile(run_dir / name, dest / name)
+    if (run_dir / "samples.jsonl").exists():  # the rollouts' texts stay behind; their votes come along
+        from spine_ttrl.config import load_toml
+        from spine_ttrl.data import load_examples, resolve_task
+
+        data = load_toml(run_dir / "config.toml")["data"]
+        examples = load_examples(data["data"])
+        trace = majority_trace(_jsonl(run_dir / "samples.jsonl"), {e.id: e.answer for e in examples},
+                               resolve_task(examples, data.get("task", "auto")))
+        (dest / MAJORITIES).write_text("".join(json.dumps(r) + "\n" for r in trace))
     return True
+
+
+def majority_trace(samples: list[dict], labels: dict[str, str | None], task: str) -> list[dict]:
+    """Each trained question's sampled majority at every step, from ``samples.jsonl`` records
+    (``{"step", "questions": [{"id", "answers"}]}``): one row ``{"step", "id", "majority", "votes",
+    "of", "label", "right"}`` per question and step — the majority answer
+    (:func:`spine_ttrl.answers.majority_vote`, None if nothing parsed), its votes out of ``of``, the
+    question's label and whether the majority is equivalent to it (None without a label or a
+    majority). Labels are only read here, for the report; they never entered the reward."""
+    from spine_ttrl.answers import is_equivalent, majority_vote
+
+    rows = []
+    for rec in samples:
+        for q in rec["questions"]:
+            v, label = majority_vote(q["answers"], task), labels.get(q["id"])
+            right = None if label is None or v.label is None else bool(is_equivalent(v.label, label, task))
+            rows.append({"step": rec["step"], "id": q["id"], "majority": v.label, "votes": v.count,
+                         "of": len(q["answers"]), "label": label, "right": right})
+    return rows
+
+
+def majority_changes(trace: list[dict], per_episode: int) -> dict[str, dict]:
+    """Per question, its sampled majority per episode (the last step of the episode that trained it):
+    ``{id: {"label", "episodes": [(majority, votes, right), ...], "kind"}}`` for the questions whose
+    majority was wrong in some episode; ``kind`` is ``lost`` (right in an earlier episode, wrong in
+    the last), ``gained`` (wrong earlier, right in the last), ``wrong`` (never right) or ``mixed``
+    (right in the last and wrong in between)."""
+    by_q: dict[str, dict[int, tuple]] = {}
+    labels = {}
+    for r in trace:
+        by_q.setdefault(r["id"], {})[(int(r["step"]) - 1) // per_episode] = (r["majority"], r["votes"], r["right"])
+        labels[r["id"]] = r["label"]
+    out = {}
+    for q, eps in by_q.items():
+        seq = [eps[e] for e in sorted(eps)]
+        right = [x[2] for x in seq]
+        if all(right) or not any(x is False for x in right):
+            continue
+        if right[-1] is False:
+            kind = "lost" if any(right[:-1]) else "wrong"
+        else:
+            kind = "gained" if right[0] is False else "mixed"
+        out[q] = {"label": labels[q], "episodes": seq, "kind": kind}
+    return out
 
 
 def base_evaluation(cfg, tag_dirs: list[Path], run_dir: Path) -> Path | None:
@@ -170,7 +224,8 @@ def load_run(run: Path) -> dict:
         n_q = len(ids)
     per_episode = episode_steps(n_q or 1, cfg["optim"]["questions_per_step"])
     return {"config": cfg, "metrics": _jsonl(run / "metrics.jsonl"), "evals": evals, "per_question": per_q,
-            "answers": answers, "sources": sources, "per_episode": per_episode, "finished": (run / "done").exists()}
+            "answers": answers, "sources": sources, "per_episode": per_episode, "finished": (run / "done").exists(),
+            "name": run.name, "majorities": _jsonl(run / MAJORITIES) if (run / MAJORITIES).exists() else []}
 
 
 def episode_of(step: int, per_episode: int) -> float:
@@ -318,7 +373,8 @@ def summarise_key(runs: list[dict]) -> dict:
             "greedy_se": greedy_se,
             "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
             "series": series, "sampled": sampled, "questions": 0 if before is None else len(before),
-            "by_source": source_curves(runs, episodes), "flips_final": flips(runs, final), "fork_entropy": fork_h}
+            "by_source": source_curves(runs, episodes), "flips_final": flips(runs, final), "fork_entropy": fork_h,
+            "majority_changes": {r["name"]: majority_changes(r["majorities"], pe) for r in runs if r["majorities"]}}
 
 
 def load_tag(tag: str) -> dict[str, list[dict]]:
@@ -432,6 +488,16 @@ def render(out: dict) -> str:
             lines.append(f"| {k} | {f['pairs']} | {f['wrong_to_right']} | {f['right_to_wrong']} | {f['changed']} | "
                          f"{f['onto_majority']} of {f['off_majority']} | {_f(f['greedy_length_before'], 0)} → "
                          f"{_f(f['greedy_length_after'], 0)} |")
+    changes = [(run, ch) for s in out["keys"].values() for run, ch in (s.get("majority_changes") or {}).items()]
+    if changes:
+        lines += ["", "The training majority of every question that was wrong in some episode (its sampled "
+                  "majority answer, votes, ✗ = wrong, per episode; lost = right earlier and wrong at the end):", ""]
+        for run, ch in changes:
+            kinds = {k: sum(c["kind"] == k for c in ch.values()) for k in ("lost", "gained", "wrong", "mixed")}
+            lines.append(f"- {run}: " + ", ".join(f"{n} {k}" for k, n in kinds.items()) if ch else f"- {run}: none")
+            for q, c in sorted(ch.items()):
+                lines.append(f"  - {q} (label {c['label']}, {c['kind']}): " + ", ".join(
+                    f"{m}{'✗' if r is False else ''} ({v})" for m, v, r in c["episodes"]))
     by_source = [(k, s) for k, s in out["keys"].items() if s.get("by_source")]
     if by_source:
         lines += ["", "Greedy pass@1 per data source (the data's `source` column), before → final (best episode):", "",

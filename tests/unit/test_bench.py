@@ -702,3 +702,57 @@ def test_long_sync_never_replaces_longer_logs(tmp_path):
     assert long.sync(run, dest) and (dest / "config.toml").read_text() == "# 14\n" == (run / "config.toml").read_text()
     log(run, 15)
     assert long.sync(run, dest) and long._steps_logged(dest) == 15
+
+
+def test_long_majority_trace_and_changes_by_hand():
+    long = _long()
+    samples = [{"step": 1, "questions": [{"id": "a", "answers": ["4", "4.0", "5", None]},
+                                         {"id": "b", "answers": [None, None, None, None]}]},
+               {"step": 2, "questions": [{"id": "c", "answers": ["1/2", "0.5", "2", "2"]}]}]
+    trace = long.majority_trace(samples, {"a": "4", "b": "1", "c": "2"}, "math")
+    assert trace == [  # "4" and "4.0" one cluster; ties go to the cluster seen first
+        {"step": 1, "id": "a", "majority": "4", "votes": 2, "of": 4, "label": "4", "right": True},
+        {"step": 1, "id": "b", "majority": None, "votes": 0, "of": 4, "label": "1", "right": None},
+        {"step": 2, "id": "c", "majority": "1/2", "votes": 2, "of": 4, "label": "2", "right": False}]
+    # 2 steps per episode, 3 episodes; each question trained once per episode
+    def row(step, q, m, right):
+        return {"step": step, "id": q, "majority": m, "votes": 8, "of": 8, "label": "L" + q, "right": right}
+    trace = [row(1, "lost", "1", True), row(3, "lost", "1", True), row(6, "lost", "2", False),
+             row(2, "gained", "3", False), row(4, "gained", "4", True), row(5, "gained", "4", True),
+             row(1, "wrong", "5", False), row(3, "wrong", "6", False), row(5, "wrong", "6", False),
+             row(2, "mixed", "7", True), row(4, "mixed", "8", False), row(6, "mixed", "7", True),
+             row(1, "kept", "9", True), row(3, "kept", "9", True), row(5, "kept", "9", True)]
+    ch = long.majority_changes(trace, 2)
+    assert {q: c["kind"] for q, c in ch.items()} == {"lost": "lost", "gained": "gained", "wrong": "wrong", "mixed": "mixed"}
+    assert ch["lost"] == {"label": "Llost", "episodes": [("1", 8, True), ("1", 8, True), ("2", 8, False)], "kind": "lost"}
+
+
+def test_long_sync_writes_the_training_majorities_and_the_summary_lists_them(tmp_path, monkeypatch):
+    import json
+
+    from spine_ttrl.config import make_config, to_toml
+    from spine_ttrl.data import load_examples
+
+    long = _long()
+    run, dest = tmp_path / "run" / "ttrl-lr0.0001-s0", tmp_path / "t" / "ttrl-lr0.0001-s0"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(to_toml(make_config("ttrl", overrides={"data": {"data": "arith:1:2:4"}})))
+    (run / "metrics.jsonl").write_text("")
+    ex = load_examples("arith:1:2:4")
+    wrong = str(int(ex[0].answer) + 1)
+    (run / "samples.jsonl").write_text(json.dumps({"step": 1, "questions": [
+        {"id": ex[0].id, "answers": [wrong, wrong, ex[0].answer, None], "texts": ["…"] * 4},
+        {"id": ex[1].id, "answers": [ex[1].answer] * 4, "texts": ["…"] * 4}]}) + "\n")
+    assert long.sync(run, dest)
+    rows = [json.loads(x) for x in (dest / "majorities.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["majority"], r["votes"], r["right"]) for r in rows] == [
+        (ex[0].id, wrong, 2, False), (ex[1].id, ex[1].answer, 4, True)]
+    assert not (dest / "samples.jsonl").exists()  # the texts stay with the run
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    _fake_run(tmp_path / "t", "spine-lr0.0001-s0", {0: [1, 0, 0, 1], 4: [1, 1, 0, 0]})
+    (tmp_path / "t" / "spine-lr0.0001-s0" / "majorities.jsonl").write_text("".join(json.dumps(
+        {"step": s, "id": "q0", "majority": m, "votes": v, "of": 8, "label": "40", "right": m == "40"}) + "\n"
+        for s, m, v in ((1, "40", 8), (3, "30", 5))))
+    md = long.render(long.summary("t"))
+    assert "- spine-lr0.0001-s0: 1 lost, 0 gained, 0 wrong, 0 mixed" in md
+    assert "  - q0 (label 40, lost): 40 (8), 30✗ (5)" in md
