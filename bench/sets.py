@@ -9,6 +9,12 @@ and returns its path, ready for ``--data``. Sets:
   the numbers), the answer ``Answer`` printed without a trailing ``.0``.
 - ``math-prealgebra``: MATH-500's prealgebra questions (the subject is in each row's ``id``).
 - ``mixed``: equal parts of the three, for a per-``source`` breakdown in one run.
+- ``claims``: label answers (``--task label``, yes / no) made offline from the built-in level-5
+  arithmetic (``arith:5:1000:99``): the question, then "A student answered N. Is the student's
+  answer correct?". Half the claims (seeded) are the true answer; the others are off by a small
+  amount (±1–5, ±10 or ±10 %), so judging a claim means solving the question. There is no
+  PubMedQA-style set in the shared data; this one measures the label path of the loop on the
+  benchmark model.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE = Path("~/.cache/spine-ttrl/bench/sets").expanduser()
-SETS = ("gsm8k", "svamp", "math-prealgebra", "mixed")
+SETS = ("gsm8k", "svamp", "math-prealgebra", "mixed", "claims")
 
 
 def _number(x: float) -> str:
@@ -40,7 +46,29 @@ def load_set(name: str) -> list[dict]:
         rows = json.loads((DATA / "ttrl" / "math.json").read_text())
         return [{"prompt": r["prompt"], "answer": r["answer"], "id": r["id"], "source": "math-prealgebra"}
                 for r in rows if "/prealgebra/" in r["id"]]
+    if name == "claims":
+        return _claims()
     raise ValueError(f"unknown set {name!r} (expected one of {', '.join(SETS)})")
+
+
+def _claims(count: int = 1000, seed: int = 99) -> list[dict]:
+    """Yes / no claims about level-5 arithmetic questions (see the module docstring)."""
+    from spine_ttrl.data import generate_arith
+
+    rng = random.Random(seed)
+    rows = []
+    for ex in generate_arith(5, count, seed):
+        truth = int(ex.answer)
+        right = rng.random() < 0.5
+        claim = truth
+        while not right and (claim == truth or claim < 0):
+            kind = rng.choice(("small", "ten", "percent"))
+            step = rng.randint(1, 5) if kind == "small" else 10 if kind == "ten" else max(1, round(truth * 0.1))
+            claim = truth + rng.choice((-1, 1)) * step
+        rows.append({"prompt": f"{ex.prompt} A student answered {claim}. Is the student's answer correct?",
+                     "answer": "yes" if right else "no", "labels": ["yes", "no"],
+                     "id": f"claims-{ex.id}", "source": "claims"})
+    return rows
 
 
 def materialise(name: str, n: int, seed: int = 0) -> Path:

@@ -510,6 +510,28 @@ def test_real_sets_are_read_from_the_shared_layout(tmp_path, monkeypatch):
         sets.materialise("svamp", 2, 0)
 
 
+def test_claims_are_balanced_yes_no_questions_whose_no_claims_are_wrong(tmp_path, monkeypatch):
+    import json
+    import re
+    import sys
+
+    from spine_ttrl.data import generate_arith, load_examples, resolve_task
+
+    sys.path.insert(0, str(BENCH))
+    sets = _load("sets")
+    monkeypatch.setattr(sets, "CACHE", tmp_path)
+    rows = sets.load_set("claims")
+    truth = {f"claims-{ex.id}": int(ex.answer) for ex in generate_arith(5, 1000, 99)}
+    assert len(rows) == 1000 and 400 < sum(r["answer"] == "yes" for r in rows) < 600
+    for r in rows:
+        claim = int(re.search(r"A student answered (\d+)\. Is the student's answer correct\?$", r["prompt"]).group(1))
+        assert (claim == truth[r["id"]]) == (r["answer"] == "yes") and r["labels"] == ["yes", "no"]
+    path = sets.materialise("claims", 16, 7)
+    examples = load_examples(str(path))
+    assert len(examples) == 16 and resolve_task(examples) == "label"
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [ex.id for ex in examples]
+
+
 def test_every_preset_is_a_quality_method_and_neighbours_are_compared(tmp_path):
     import json
 
