@@ -213,9 +213,22 @@ def _answer_stats(arrays: dict[str, np.ndarray]) -> dict[str, float]:
             "greedy_changed": float(arrays["changed"].mean())}
 
 
+def reference_method(record: dict) -> str:
+    """The role of a run in the comparisons: its method, or ``"ttrl-switch"`` for a TTRL run whose
+    ``--set`` changes a method setting (``spine.…``: a neighbour's single switch such as
+    ``spine.reward=leave-one-out``). Plain TTRL runs, and TTRL runs that change only other sections
+    (``model.precision=fp32``: the same method at another precision), are the references."""
+    if record["method"] == "ttrl" and any(str(s).startswith("spine.") for s in record.get("set") or []):
+        return "ttrl-switch"
+    return record["method"]
+
+
 def _comparisons(pq: dict[str, dict[str, np.ndarray]], method_of: dict[str, str]) -> dict:
-    """Paired bootstraps: every SPINE run key (v1, then v2) against every TTRL key and the base,
-    TTRL against the base, then every neighbour preset's run key against every TTRL key and the base. ``pq`` maps run keys (and optionally "base") to per-question arrays."""
+    """Paired bootstraps: every SPINE run key (v1, then v2) against every reference TTRL key and the
+    base, TTRL against the base, then every neighbour — a preset (ttrv, evol-rl, ettrl, siren) or a
+    TTRL run with one switch (``method_of`` = "ttrl-switch", :func:`reference_method`) — against
+    every reference TTRL key and the base. ``pq`` maps run keys (and optionally "base") to
+    per-question arrays; ``method_of`` maps run keys to their :func:`reference_method`."""
     comparisons = {}
     has_base = "base" in pq
     spine_keys = [m for m in method_of if method_of[m] == "spine"] + [m for m in method_of if method_of[m] == "spine-v2"]
@@ -227,7 +240,7 @@ def _comparisons(pq: dict[str, dict[str, np.ndarray]], method_of: dict[str, str]
         for t in ttrl_keys:
             comparisons[f"{t} - base"] = {m: paired_bootstrap(pq[t][m], pq["base"][m]) for m in ("greedy", "avg")}
     neighbours = [m for m in method_of if method_of[m] not in ("ttrl", "spine", "spine-v2")]
-    for n in neighbours:  # the neighbour presets (ttrv, evol-rl, ettrl, siren), as SPINE is compared
+    for n in neighbours:  # the neighbour presets and TTRL's single switches, as SPINE is compared
         for other in ttrl_keys + (["base"] if has_base else []):
             comparisons[f"{n} - {other}"] = {m: paired_bootstrap(pq[n][m], pq[other][m]) for m in ("greedy", "avg")}
     return comparisons
@@ -270,7 +283,7 @@ def summarize(tag_dir: Path, k: int) -> dict:
     if base:
         pq["base"] = per_question(base, k)
         out["base"].update(_answer_stats(pq["base"]))
-    out["paired_bootstrap"] = _comparisons(pq, {key: rs[0]["method"] for key, rs in runs.items()})
+    out["paired_bootstrap"] = _comparisons(pq, {key: reference_method(rs[0]) for key, rs in runs.items()})
     return out
 
 
@@ -378,7 +391,7 @@ def summarize_pool(tag_dirs: list[Path], k: int, name: str) -> dict:
             entry["methods"][key] = _block_means(arrays)
         row.update(seeds=seeds, **_train_stats([r for rs, _ in per_block for r in rs]))
         out["methods"][key] = row
-        method_of[key] = rs0[0]["method"]
+        method_of[key] = reference_method(rs0[0])
     out["paired_bootstrap"] = _comparisons(pq, method_of)
     out["questions_for_se"] = questions_for_se(([out["base"]] if "base" in out else []) + list(out["methods"].values()), k)
     return out

@@ -159,6 +159,30 @@ def test_a_variant_is_summarised_and_compared_on_its_own(tmp_path):
     assert c["spine-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.25)
 
 
+def test_ttrl_switches_are_compared_against_ttrl_and_only_precision_variants_are_references(tmp_path):
+    import json
+
+    steps = [{"step": 1, "time/step_s": 1.0}]
+    (tmp_path / "base.json").write_text(json.dumps(_run_record("none", 0, [0, 0, 1, 0], [0, 1, 2, 0], [])))
+    recs = {"ttrl-lr0.0001-s0.json": _run_record("ttrl", 0, [0, 1, 1, 0], [1, 1, 2, 0], steps),
+            "ttrl+fp32-lr0.0001-s0.json": dict(_run_record("ttrl", 0, [0, 0, 1, 0], [1, 1, 2, 0], steps),
+                                               variant="fp32", set=["model.precision=fp32"]),
+            "ttrl+loo-lr0.0001-s0.json": dict(_run_record("ttrl", 0, [1, 1, 1, 1], [2, 2, 2, 2], steps),
+                                              variant="loo", set=["spine.reward=leave-one-out"]),
+            "spine-lr0.0001-s0.json": _run_record("spine", 0, [1, 1, 1, 0], [2, 1, 2, 0], steps)}
+    for name, rec in recs.items():
+        (tmp_path / name).write_text(json.dumps(rec))
+    c = quality.summarize(tmp_path, k=2)["paired_bootstrap"]
+    assert c["ttrl+loo-lr0.0001 - ttrl-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.5)
+    assert c["ttrl+loo-lr0.0001 - ttrl+fp32-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.75)
+    assert c["ttrl+loo-lr0.0001 - base"]["greedy"]["diff"] == pytest.approx(0.75)
+    assert c["spine-lr0.0001 - ttrl+fp32-lr0.0001"]["greedy"]["diff"] == pytest.approx(0.5)
+    assert not [k for k in c if k.endswith(" - ttrl+loo-lr0.0001")]  # a switch is not a reference
+    assert quality.reference_method({"method": "ttrl", "set": ["spine.token_weights=steer"]}) == "ttrl-switch"
+    assert quality.reference_method({"method": "ttrl", "set": ["model.precision=bf16"]}) == "ttrl"
+    assert quality.reference_method({"method": "spine", "set": ["spine.band=none"]}) == "spine"
+
+
 def test_pooling_concatenates_blocks_questions_and_leaves_out_unfinished_keys(tmp_path):
     import json
 
