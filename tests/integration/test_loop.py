@@ -156,12 +156,19 @@ def test_frequency_reward_greedy_only_intermediate_eval_and_diagnostics(tmp_path
     res = adapt(cfg)
     out = tmp_path / "run"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    learned = []
     for m, s in zip(res.metrics, samples):
-        rewards = [r for q in s["questions"] for r in frequency_rewards(q["answers"], "math")
-                   if any(a is not None for a in q["answers"])]
+        per_question = [frequency_rewards(q["answers"], "math") for q in s["questions"]
+                        if any(a is not None for a in q["answers"])]
+        rewards = [r for rs in per_question for r in rs]
         assert m["reward/mean"] == pytest.approx(sum(rewards) / len(rewards))
         assert m["update/weight_change_norm"] > 0 and m["update/kl_new_old"] >= 0
-        assert m["grad/band_norm"] == 0.0 and m["grad/policy_norm"] > 0
+        # GRPO advantages are zero when every answer to a question earns the same reward, so the
+        # policy term has a gradient exactly when some question's rewards differ
+        varied = any(len(set(rs)) > 1 for rs in per_question)
+        assert m["grad/band_norm"] == 0.0 and (m["grad/policy_norm"] > 0) == varied
+        learned.append(varied)
+    assert any(learned)  # with seed 2, step 1 has varied rewards on every machine seen so far
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["tag"] for e in evals] == ["before", "step1", "after"]
     assert "eval/avg@2" in evals[0] and "eval/avg@2" in evals[2]
