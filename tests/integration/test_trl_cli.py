@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,10 @@ def test_trl_args_map_the_configuration():
         "optim": {"steps": 5, "questions_per_step": 4, "micro_batch_size": 2, "updates_per_batch": 2, "lr": 3e-5,
                   "clip_eps": 0.25, "schedule": "cosine", "warmup_steps": 1},
         "spine": {"kl_coef": 0.05, "beta_up": 0.3}, "run": {"seed": 11, "save_every": 2}})
-    a = trl_args(cfg, "/tmp/x", bf16=False, use_cpu=True, task="math")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated argument names of transformers/TRL
+        a = trl_args(cfg, "/tmp/x", bf16=False, use_cpu=True, task="math")
+    assert a.gradient_checkpointing is False  # the rollouts and their scoring run without recomputation
     two = trl_args(cfg, "/tmp/x", bf16=False, use_cpu=True, task="math", num_processes=2)
     assert two.gradient_accumulation_steps == two.steps_per_generation == 4  # the batch is split, not doubled
     assert (a.num_generations, a.num_votes, a.per_device_train_batch_size) == (4, 8, 2)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -131,8 +132,19 @@ def trl_args(cfg: Config, output_dir: str | Path, *, bf16: bool, use_cpu: bool, 
         seed=run.seed, data_seed=run.seed, bf16=bf16, use_cpu=use_cpu, logging_steps=o.updates_per_batch,
         save_strategy="steps" if run.save_every else "no", save_steps=max(run.save_every, 1) * o.updates_per_batch,
         save_total_limit=run.keep_checkpoints, report_to="none", disable_tqdm=not run.progress,
-        gradient_checkpointing=False, remove_unused_columns=False, scale_rewards="group",
+        remove_unused_columns=False, scale_rewards="group", **_no_checkpointing(),
     )
+
+
+def _no_checkpointing() -> dict:
+    """Activation checkpointing off, under the name the installed transformers reads (it renamed
+    ``gradient_checkpointing`` to ``activation_checkpointing`` and warns on the old name)."""
+    import dataclasses
+
+    from .trl import SpineGRPOConfig
+
+    names = {f.name for f in dataclasses.fields(SpineGRPOConfig)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
 
 
 def _trl_checkpoints(out_dir: Path) -> list[Path]:
@@ -194,15 +206,18 @@ class RunDirCallback(TrainerCallback):
 
         tr = self.trainer
         amp = torch.bfloat16 if tr.args.bf16 else None
-        with unwrap_model_for_generation(tr.model_wrapped, tr.accelerator) as model:
-            if tr.accelerator.is_main_process:
-                was_training = model.training
-                vision = getattr(tr.processing_class, "image_processor", None) is not None
-                eng = SimpleNamespace(model=model, sampler=sampler_for(model, tr.processing_class, amp, vision),
-                                      device=tr.accelerator.device, autocast_dtype=amp)
-                self.evals[tag] = evaluate_run(eng, self.qs, self.cfg, tag, step, self.out_dir, self.log)
-                model.train(was_training)
-            tr.accelerator.wait_for_everyone()
+        with warnings.catch_warnings():
+            # TRL probes transformers' deprecated `is_gradient_checkpointing` alias: not ours to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            with unwrap_model_for_generation(tr.model_wrapped, tr.accelerator) as model:
+                if tr.accelerator.is_main_process:
+                    was_training = model.training
+                    vision = getattr(tr.processing_class, "image_processor", None) is not None
+                    eng = SimpleNamespace(model=model, sampler=sampler_for(model, tr.processing_class, amp, vision),
+                                          device=tr.accelerator.device, autocast_dtype=amp)
+                    self.evals[tag] = evaluate_run(eng, self.qs, self.cfg, tag, step, self.out_dir, self.log)
+                    model.train(was_training)
+                tr.accelerator.wait_for_everyone()
         self._t = time.perf_counter()
 
     # --- TrainerCallback hooks ---------------------------------------------------------------
