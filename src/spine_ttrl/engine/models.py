@@ -349,11 +349,18 @@ def _wrap_lora(model, lora: dict):
     kwargs.setdefault("task_type", "CAUSAL_LM")
     # The adapter's random init (LoRA A) is drawn from a fixed seed on a forked RNG: two runs with the
     # same settings start from the same adapter, and the caller's global RNG is left untouched.
-    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+    with quiet_checkpointing_alias_probe(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        # peft probes transformers' deprecated `is_gradient_checkpointing` alias: not ours to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return peft.get_peft_model(model, peft.LoraConfig(**kwargs))
+
+
+@contextlib.contextmanager
+def quiet_checkpointing_alias_probe():
+    """Silence the FutureWarning of transformers' deprecated ``is_gradient_checkpointing`` alias
+    inside the block: peft and TRL probe it, which is not ours to act on; other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

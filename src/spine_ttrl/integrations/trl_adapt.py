@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -202,22 +201,20 @@ class RunDirCallback(TrainerCallback):
         from trl.models import unwrap_model_for_generation
 
         from ..engine.builtin import sampler_for
+        from ..engine.models import quiet_checkpointing_alias_probe
         from ..loop import evaluate_run
 
         tr = self.trainer
         amp = torch.bfloat16 if tr.args.bf16 else None
-        with warnings.catch_warnings():
-            # TRL probes transformers' deprecated `is_gradient_checkpointing` alias: not ours to act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            with unwrap_model_for_generation(tr.model_wrapped, tr.accelerator) as model:
-                if tr.accelerator.is_main_process:
-                    was_training = model.training
-                    vision = getattr(tr.processing_class, "image_processor", None) is not None
-                    eng = SimpleNamespace(model=model, sampler=sampler_for(model, tr.processing_class, amp, vision),
-                                          device=tr.accelerator.device, autocast_dtype=amp)
-                    self.evals[tag] = evaluate_run(eng, self.qs, self.cfg, tag, step, self.out_dir, self.log)
-                    model.train(was_training)
-                tr.accelerator.wait_for_everyone()
+        with quiet_checkpointing_alias_probe(), unwrap_model_for_generation(tr.model_wrapped, tr.accelerator) as model:
+            if tr.accelerator.is_main_process:
+                was_training = model.training
+                vision = getattr(tr.processing_class, "image_processor", None) is not None
+                eng = SimpleNamespace(model=model, sampler=sampler_for(model, tr.processing_class, amp, vision),
+                                      device=tr.accelerator.device, autocast_dtype=amp)
+                self.evals[tag] = evaluate_run(eng, self.qs, self.cfg, tag, step, self.out_dir, self.log)
+                model.train(was_training)
+            tr.accelerator.wait_for_everyone()
         self._t = time.perf_counter()
 
     # --- TrainerCallback hooks ---------------------------------------------------------------
