@@ -26,7 +26,8 @@ Examples::
     python bench/long.py --tag tune-L5 --summary
 
 The summary (``summary.md``, ``summary.json``, ``curves.png`` under ``bench/results/long/<tag>/``) reports
-per run key (method, variant, learning rate; seeds averaged): greedy pass@1 at every evaluated
+per run key (method, variant, learning rate; its finished seeds averaged, each unfinished seed of a
+key that has a finished one in a row of its own): greedy pass@1 at every evaluated
 episode (plotted with its 95 % interval over the questions), the final and the best episode, avg@k /
 maj@k before and after, and per complete episode the mean completion length, majority share,
 forking-token entropy and update size; paired-bootstrap 95 %
@@ -382,7 +383,26 @@ def load_tag(tag: str) -> dict[str, list[dict]]:
     for d in sorted((ROOT / tag).glob("*-s*")):
         if d.is_dir() and (d / "config.toml").exists():
             runs.setdefault(d.name.rsplit("-s", 1)[0], []).append(load_run(d))
-    return runs
+    return split_running(runs)
+
+
+def split_running(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Rows of the summary from the runs of each key (its seeds). A key pools its finished seeds;
+    while some of its seeds are unfinished, each of those gets a row of its own,
+    ``"<key> s<seed> (unfinished)"``, after the pooled one, so that a seed that has just started
+    (or stopped early) neither hides the finished seeds' final episode nor is averaged into their
+    curve. A key none of whose seeds has finished pools them all, as it will once they have."""
+    out: dict[str, list[dict]] = {}
+    for key, rs in runs.items():
+        done = [r for r in rs if r["finished"]]
+        if not done or len(done) == len(rs):
+            out[key] = rs
+            continue
+        out[key] = done
+        for r in rs:
+            if not r["finished"]:
+                out[f"{key} s{r['name'].rsplit('-s', 1)[1]} (unfinished)"] = [r]
+    return out
 
 
 def compare(a: list[dict], b: list[dict], episode: float | None) -> dict | None:
@@ -411,7 +431,7 @@ def summary(tag: str) -> dict:
     runs = load_tag(tag)
     keys = {k: summarise_key(v) for k, v in runs.items()}
     out = {"tag": tag, "keys": keys, "comparisons": {}}
-    ttrl = next((k for k in runs if k.startswith("ttrl-")), None)
+    ttrl = next((k for k in runs if k.startswith("ttrl-") and not k.endswith("(unfinished)")), None)
     for k, s in keys.items():
         comp = {}
         for where in ("final", "best"):

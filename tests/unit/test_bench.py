@@ -448,7 +448,7 @@ def test_long_stop_rule_and_episode_means():
 
 
 def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "q2", "q3"), sources=None,
-              answers=None):
+              answers=None, finished=True):
     import json
 
     d = tmp / name
@@ -467,7 +467,8 @@ def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "
                         "completion/length_mean": 100.0})
     for fname, rows in (("eval.jsonl", evals), ("eval_records.jsonl", recs), ("metrics.jsonl", metrics)):
         (d / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "done").write_text("finished\n")
+    if finished:
+        (d / "done").write_text("finished\n")
 
 
 def test_long_summary_curves_best_final_and_paired_differences(tmp_path, monkeypatch):
@@ -505,6 +506,37 @@ def test_long_summary_curves_best_final_and_paired_differences(tmp_path, monkeyp
     row = next(line for line in (tmp_path / "t" / "summary.md").read_text().splitlines()
                if line.startswith("| spine-lr0.0001 | vs_ttrl-lr0.0001/final"))
     assert f"| {half:.1f} | {long.questions_for_halfwidth(c, 4)} |" in row
+
+
+def test_long_summary_pools_finished_seeds_and_shows_an_unfinished_one_apart(tmp_path, monkeypatch):
+    long = _long()
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    tag = tmp_path / "t"
+    tag.mkdir()
+    _fake_run(tag, "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 1, 0]})
+    _fake_run(tag, "ttrl-lr0.0001-s1", {0: [0, 0, 0, 0], 2: [1, 0, 0, 0]}, finished=False)  # seed 1 just started
+    _fake_run(tag, "spine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1], 4: [1, 1, 1, 1]})
+    _fake_run(tag, "spine-lr0.0001-s1", {0: [1, 0, 0, 0], 2: [1, 0, 0, 0]}, finished=False)
+    _fake_run(tag, "siren-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 0, 0, 0]}, finished=False)  # no seed done
+    out = long.summary("t")
+    keys = list(out["keys"])
+    assert keys.index("ttrl-lr0.0001") < keys.index("ttrl-lr0.0001 s1 (unfinished)")
+    t = out["keys"]["ttrl-lr0.0001"]
+    # seed 0 alone: its final episode 2 is kept, not cut to the episodes seed 1 has reached
+    assert t["seeds"] == 1 and t["finished"] and t["final_episode"] == 2.0
+    assert t["greedy"] == pytest.approx([0.25, 0.5, 0.75])
+    u = out["keys"]["ttrl-lr0.0001 s1 (unfinished)"]
+    assert u["seeds"] == 1 and not u["finished"] and u["final_episode"] == 1.0
+    assert u["greedy"] == pytest.approx([0.0, 0.25])
+    assert out["keys"]["siren-lr0.0001"]["seeds"] == 1 and not out["keys"]["siren-lr0.0001"]["finished"]
+    # the reference is the finished TTRL: spine s0 [1,1,1,1] vs ttrl s0 [1,1,1,0] at episode 2
+    assert out["comparisons"]["spine-lr0.0001"]["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(0.25)
+    assert "vs_ttrl-lr0.0001/final" in out["comparisons"]["ttrl-lr0.0001 s1 (unfinished)"]
+    # an unfinished seed against the finished reference at its own last episode (1): [1,0,0,0] vs [1,1,0,0]
+    assert out["comparisons"]["spine-lr0.0001 s1 (unfinished)"]["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(-0.25)
+    md = (tag / "summary.md").read_text()
+    assert "| ttrl-lr0.0001 | 1 | yes | 0.250 | 0.750 (2) |" in md
+    assert "| ttrl-lr0.0001 s1 (unfinished) | 1 | no | 0.000 | 0.250 (1) |" in md
 
 
 def test_real_sets_are_read_from_the_shared_layout(tmp_path, monkeypatch):
