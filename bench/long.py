@@ -24,6 +24,8 @@ Examples::
     python bench/long.py --tag tune-L5 ... --methods spine --set spine.beta_low=0.3 spine.beta_up=0.3 --variant b0.3
     # curves, final / best episode, paired-bootstrap intervals, label-free stopping
     python bench/long.py --tag tune-L5 --summary
+    # ... compared with other reference keys than the plain TTRL one
+    python bench/long.py --tag tune-L5 --summary --reference ttrl-lr0.0001 ttrl+same-machine-lr0.0001
 
 The summary (``summary.md``, ``summary.json``, ``curves.png`` under ``bench/results/long/<tag>/``) reports
 per run key (method, variant, learning rate; its finished seeds averaged, each unfinished seed of a
@@ -31,8 +33,8 @@ key that has a finished one in a row of its own): greedy pass@1 at every evaluat
 episode (plotted with its 95 % interval over the questions), the final and the best episode, avg@k /
 maj@k before and after, and per complete episode the mean completion length, majority share,
 forking-token entropy and update size; paired-bootstrap 95 %
-intervals (questions resampled) of every run key against ``ttrl`` and against the base at the final
-and the best episode; and the episode the label-free stopping rule picks (:func:`stop_episode`).
+intervals (questions resampled) of every run key against ``ttrl`` (or the ``--reference`` keys) and
+against the base at the final and the best episode; and the episode the label-free stopping rule picks (:func:`stop_episode`).
 """
 
 from __future__ import annotations
@@ -427,11 +429,20 @@ def questions_for_halfwidth(c: dict | None, questions: int, target: float = 0.03
     return max(1, math.ceil(questions * (h / target) ** 2 - 1e-9))
 
 
-def summary(tag: str) -> dict:
+def summary(tag: str, references: list[str] | None = None) -> dict:
+    """Summarise every run key of ``tag`` and compare each, at its final and its best episode, with
+    the base (its own evaluation before adaptation) and with each reference key: by default the
+    plain TTRL key (``ttrl-lr…``); ``references`` names others, e.g. a TTRL re-run on the machine that
+    ran the methods it should be compared with. A reference that has not reached a key's episode
+    gives no interval there."""
     runs = load_tag(tag)
     keys = {k: summarise_key(v) for k, v in runs.items()}
     out = {"tag": tag, "keys": keys, "comparisons": {}}
-    ttrl = next((k for k in runs if k.startswith("ttrl-") and not k.endswith("(unfinished)")), None)
+    if references is None:
+        references = [k for k in runs if k.startswith("ttrl-") and not k.endswith("(unfinished)")][:1]
+    missing = [r for r in references if r not in runs]
+    if missing:
+        raise SystemExit(f"--reference {' '.join(missing)}: no such run key in {tag} (keys: {', '.join(runs)})")
     for k, s in keys.items():
         comp = {}
         for where in ("final", "best"):
@@ -439,8 +450,9 @@ def summary(tag: str) -> dict:
             comp[f"vs_base/{where}"] = (paired_bootstrap(_question_vector(runs[k], ep), _question_vector(runs[k], 0.0))
                                         if ep is not None and _question_vector(runs[k], 0.0) is not None
                                         and _question_vector(runs[k], ep) is not None else None)
-            if ttrl and k != ttrl:
-                comp[f"vs_{ttrl}/{where}"] = compare(runs[k], runs[ttrl], ep)
+            for ref in references:
+                if k != ref:
+                    comp[f"vs_{ref}/{where}"] = compare(runs[k], runs[ref], ep)
         out["comparisons"][k] = comp
     (ROOT / tag).mkdir(parents=True, exist_ok=True)
     (ROOT / tag / "summary.json").write_text(json.dumps(out, indent=1, default=float))
@@ -588,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reuse-before", dest="reuse_before", action="store_false",
                    help="compute the evaluation before adaptation even when another run of the tag has made the same one")
     p.add_argument("--summary", action="store_true", help="only write the summary of --tag")
+    p.add_argument("--reference", nargs="*", default=None,
+                   help="run keys every other key is compared with (default: the plain TTRL key, ttrl-lr…)")
     p.add_argument("--sync", action="store_true", help="only copy the logs of --tag's runs into bench/results")
     args = p.parse_args(argv)
     if args.sync or args.summary:
@@ -595,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             if (d / "config.toml").exists() and not (ROOT / args.tag / d.name / "done").exists():
                 sync(d, ROOT / args.tag / d.name)
         if args.summary:
-            print(render(summary(args.tag)))
+            print(render(summary(args.tag, args.reference)))
         return 0
     from spine_ttrl.data import load_examples
 
@@ -604,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         for lr in args.lrs:
             for method in args.methods:
                 run_one(args, method, seed, lr, n_questions)
-    print(render(summary(args.tag)))
+    print(render(summary(args.tag, args.reference)))
     return 0
 
 

@@ -539,6 +539,28 @@ def test_long_summary_pools_finished_seeds_and_shows_an_unfinished_one_apart(tmp
     assert "| ttrl-lr0.0001 s1 (unfinished) | 1 | no | 0.000 | 0.250 (1) |" in md
 
 
+def test_long_summary_compares_with_each_named_reference_where_it_has_the_episode(tmp_path, monkeypatch):
+    long = _long()
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    tag = tmp_path / "t"
+    tag.mkdir()
+    _fake_run(tag, "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 1, 0]})
+    _fake_run(tag, "ttrl+same-machine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1]}, finished=False)
+    _fake_run(tag, "siren-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 0, 0, 0], 4: [0, 0, 0, 0]})
+    comp = long.summary("t")["comparisons"]["siren-lr0.0001"]
+    assert set(comp) == {"vs_base/final", "vs_base/best", "vs_ttrl-lr0.0001/final", "vs_ttrl-lr0.0001/best"}
+    out = long.summary("t", ["ttrl-lr0.0001", "ttrl+same-machine-lr0.0001"])
+    comp = out["comparisons"]["siren-lr0.0001"]
+    assert comp["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(-0.75)  # [0,0,0,0] vs [1,1,1,0] at ep 2
+    assert comp["vs_ttrl+same-machine-lr0.0001/final"] is None  # the reference has not reached episode 2
+    assert comp["vs_ttrl+same-machine-lr0.0001/best"]["diff"] == pytest.approx(-0.75)  # best = ep 1: [1,0,0,0] vs [1,1,1,1]
+    assert "vs_ttrl+same-machine-lr0.0001/final" not in out["comparisons"]["ttrl+same-machine-lr0.0001"]
+    assert out["comparisons"]["ttrl+same-machine-lr0.0001"]["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(0.5)
+    assert "| siren-lr0.0001 | vs_ttrl+same-machine-lr0.0001/best | -75.0 [" in (tag / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="no such run key"):
+        long.summary("t", ["ttrl-lr0.001"])
+
+
 def test_real_sets_are_read_from_the_shared_layout(tmp_path, monkeypatch):
     import json
     import sys
