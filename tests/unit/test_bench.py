@@ -435,6 +435,14 @@ def _long():
     return _load("long")
 
 
+def _long_tag(tmp_path, monkeypatch):
+    """bench/long.py writing its summaries under ``tmp_path``, and an empty tag ``t`` there."""
+    long = _long()
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    (tmp_path / "t").mkdir()
+    return long, tmp_path / "t"
+
+
 def test_long_stop_rule_and_episode_means():
     long = _long()
     # majority share saturates at episode 3, fork entropy halves at episode 4 -> the rule fires at 4
@@ -472,10 +480,7 @@ def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "
 
 
 def test_long_summary_curves_best_final_and_paired_differences(tmp_path, monkeypatch):
-    long = _long()
-    monkeypatch.setattr(long, "ROOT", tmp_path)
-    tag = tmp_path / "t"
-    tag.mkdir()
+    long, tag = _long_tag(tmp_path, monkeypatch)
     # 4 questions, 2 steps per episode; evaluations at episodes 0, 1, 2
     _fake_run(tag, "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 0, 0]})
     _fake_run(tag, "spine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1], 4: [1, 1, 1, 0]})
@@ -509,10 +514,7 @@ def test_long_summary_curves_best_final_and_paired_differences(tmp_path, monkeyp
 
 
 def test_long_summary_pools_finished_seeds_and_shows_an_unfinished_one_apart(tmp_path, monkeypatch):
-    long = _long()
-    monkeypatch.setattr(long, "ROOT", tmp_path)
-    tag = tmp_path / "t"
-    tag.mkdir()
+    long, tag = _long_tag(tmp_path, monkeypatch)
     _fake_run(tag, "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 1, 0]})
     _fake_run(tag, "ttrl-lr0.0001-s1", {0: [0, 0, 0, 0], 2: [1, 0, 0, 0]}, finished=False)  # seed 1 just started
     _fake_run(tag, "spine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1], 4: [1, 1, 1, 1]})
@@ -540,10 +542,7 @@ def test_long_summary_pools_finished_seeds_and_shows_an_unfinished_one_apart(tmp
 
 
 def test_long_summary_compares_with_each_named_reference_where_it_has_the_episode(tmp_path, monkeypatch):
-    long = _long()
-    monkeypatch.setattr(long, "ROOT", tmp_path)
-    tag = tmp_path / "t"
-    tag.mkdir()
+    long, tag = _long_tag(tmp_path, monkeypatch)
     _fake_run(tag, "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 1, 0]})
     _fake_run(tag, "ttrl+same-machine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1]}, finished=False)
     _fake_run(tag, "siren-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 0, 0, 0], 4: [0, 0, 0, 0]})
@@ -629,9 +628,7 @@ def test_every_preset_is_a_quality_method_and_neighbours_are_compared(tmp_path):
 
 
 def test_long_summary_breaks_greedy_down_by_source(tmp_path, monkeypatch):
-    long = _long()
-    monkeypatch.setattr(long, "ROOT", tmp_path)
-    (tmp_path / "t").mkdir()
+    long, _ = _long_tag(tmp_path, monkeypatch)
     src = ("gsm8k", "svamp", "gsm8k", "svamp")
     _fake_run(tmp_path / "t", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 0], 4: [1, 1, 0, 1]}, sources=src)
     _fake_run(tmp_path / "t", "ttrl-lr0.0001-s1", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1], 4: [1, 0, 0, 1]}, sources=src)
@@ -647,9 +644,7 @@ def test_long_summary_breaks_greedy_down_by_source(tmp_path, monkeypatch):
 
 
 def test_long_summary_counts_which_greedy_answers_moved(tmp_path, monkeypatch):
-    long = _long()
-    monkeypatch.setattr(long, "ROOT", tmp_path)
-    (tmp_path / "t").mkdir()
+    long, _ = _long_tag(tmp_path, monkeypatch)
 
     def rec(g, m, n):
         return {"greedy_answer": g, "majority": m, "greedy_length": n}
@@ -671,9 +666,7 @@ def test_long_summary_counts_which_greedy_answers_moved(tmp_path, monkeypatch):
 
 
 def test_long_summary_has_no_final_episode_before_a_trained_evaluation(tmp_path, monkeypatch):
-    long = _long()
-    monkeypatch.setattr(long, "ROOT", tmp_path)
-    (tmp_path / "t").mkdir()
+    long, _ = _long_tag(tmp_path, monkeypatch)
     _fake_run(tmp_path / "t", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0]})
     _fake_run(tmp_path / "t", "spine-lr0.0001-s0", {0: [1, 0, 0, 0]})  # only the evaluation before adaptation
     out = long.summary("t")
@@ -685,9 +678,7 @@ def test_long_summary_has_no_final_episode_before_a_trained_evaluation(tmp_path,
 def test_long_stop_rule_uses_the_top20_entropy_when_logged(tmp_path, monkeypatch):
     import json
 
-    long = _long()
-    monkeypatch.setattr(long, "ROOT", tmp_path)
-    (tmp_path / "t").mkdir()
+    long, _ = _long_tag(tmp_path, monkeypatch)
     _fake_run(tmp_path / "t", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 0, 0]})
     # TTRL trains every token: its "forking" entropy is the all-token mean, steady at 0.2; the top-20 %
     # tokens' entropy halves in episode 2 (1.0 -> 0.4) while the majority share saturates
