@@ -434,7 +434,8 @@ def summary(tag: str, references: list[str] | None = None) -> dict:
     the base (its own evaluation before adaptation) and with each reference key: by default the
     plain TTRL key (``ttrl-lr…``); ``references`` names others, e.g. a TTRL re-run on the machine that
     ran the methods it should be compared with. A reference that has not reached a key's episode
-    gives no interval there."""
+    gives no interval there; the key is then also compared with it at the latest episode both have
+    evaluated (``vs_<ref>/ep<N>``)."""
     runs = load_tag(tag)
     keys = {k: summarise_key(v) for k, v in runs.items()}
     out = {"tag": tag, "keys": keys, "comparisons": {}}
@@ -453,6 +454,11 @@ def summary(tag: str, references: list[str] | None = None) -> dict:
             for ref in references:
                 if k != ref:
                     comp[f"vs_{ref}/{where}"] = compare(runs[k], runs[ref], ep)
+        for ref in references:
+            # a reference still running: also compare where both are, at the latest episode both evaluated
+            shared = [e for e in s["episodes"] if e > 0 and e in keys[ref]["episodes"]] if k != ref else []
+            if shared and shared[-1] != s["final_episode"]:
+                comp[f"vs_{ref}/ep{shared[-1]:g}"] = compare(runs[k], runs[ref], shared[-1])
         out["comparisons"][k] = comp
     (ROOT / tag).mkdir(parents=True, exist_ok=True)
     (ROOT / tag / "summary.json").write_text(json.dumps(out, indent=1, default=float))

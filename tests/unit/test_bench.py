@@ -552,6 +552,9 @@ def test_long_summary_compares_with_each_named_reference_where_it_has_the_episod
     comp = out["comparisons"]["siren-lr0.0001"]
     assert comp["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(-0.75)  # [0,0,0,0] vs [1,1,1,0] at ep 2
     assert comp["vs_ttrl+same-machine-lr0.0001/final"] is None  # the reference has not reached episode 2
+    # ... so also where both are: episode 1, [1,0,0,0] vs [1,1,1,1]
+    assert comp["vs_ttrl+same-machine-lr0.0001/ep1"]["diff"] == pytest.approx(-0.75)
+    assert "vs_ttrl-lr0.0001/ep1" not in comp and "vs_ttrl-lr0.0001/ep2" not in comp  # that one has the final
     assert comp["vs_ttrl+same-machine-lr0.0001/best"]["diff"] == pytest.approx(-0.75)  # best = ep 1: [1,0,0,0] vs [1,1,1,1]
     assert "vs_ttrl+same-machine-lr0.0001/final" not in out["comparisons"]["ttrl+same-machine-lr0.0001"]
     assert out["comparisons"]["ttrl+same-machine-lr0.0001"]["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(0.5)
