@@ -385,10 +385,10 @@ def load_tag(tag: str) -> dict[str, list[dict]]:
     for d in sorted((ROOT / tag).glob("*-s*")):
         if d.is_dir() and (d / "config.toml").exists():
             runs.setdefault(d.name.rsplit("-s", 1)[0], []).append(load_run(d))
-    return split_running(runs)
+    return split_unfinished(runs)
 
 
-def split_running(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+def split_unfinished(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Rows of the summary from the runs of each key (its seeds). A key pools its finished seeds;
     while some of its seeds are unfinished, each of those gets a row of its own,
     ``"<key> s<seed> (unfinished)"``, after the pooled one, so that a seed that has just started
