@@ -26,6 +26,8 @@ Examples::
     python bench/long.py --tag tune-L5 --summary
     # ... compared with other reference keys than the plain TTRL one
     python bench/long.py --tag tune-L5 --summary --reference ttrl-lr0.0001 ttrl+same-machine-lr0.0001
+    # ... or with one seed of a key that pools several (a run's name)
+    python bench/long.py --tag tune-L5 --summary --reference ttrl-lr0.0001 ttrl-lr0.0001-s0
 
 The summary (``summary.md``, ``summary.json``, ``curves.png`` under ``bench/results/long/<tag>/``) reports
 per run key (method, variant, learning rate; its finished seeds averaged, each unfinished seed of a
@@ -435,12 +437,15 @@ def summary(tag: str, references: list[str] | None = None) -> dict:
     plain TTRL key (``ttrl-lr…``); ``references`` names others, e.g. a TTRL re-run on the machine that
     ran the methods it should be compared with. A reference that has not reached a key's episode
     gives no interval there; the key is then also compared with it at the latest episode both have
-    evaluated (``vs_<ref>/ep<N>``)."""
+    evaluated (``vs_<ref>/ep<N>``). A reference may also name one run, ``<key>-s<seed>``: that seed
+    alone, with a row of its own, for comparing with one seed of a key that pools several."""
     runs = load_tag(tag)
-    keys = {k: summarise_key(v) for k, v in runs.items()}
-    out = {"tag": tag, "keys": keys, "comparisons": {}}
     if references is None:
         references = [k for k in runs if k.startswith("ttrl-") and not k.endswith("(unfinished)")][:1]
+    by_name = {r["name"]: r for rs in runs.values() for r in rs}
+    runs.update({ref: [by_name[ref]] for ref in references if ref not in runs and ref in by_name})
+    keys = {k: summarise_key(v) for k, v in runs.items()}
+    out = {"tag": tag, "keys": keys, "comparisons": {}}
     missing = [r for r in references if r not in runs]
     if missing:
         raise SystemExit(f"--reference {' '.join(missing)}: no such run key in {tag} (keys: {', '.join(runs)})")
@@ -607,7 +612,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute the evaluation before adaptation even when another run of the tag has made the same one")
     p.add_argument("--summary", action="store_true", help="only write the summary of --tag")
     p.add_argument("--reference", nargs="*", default=None,
-                   help="run keys every other key is compared with (default: the plain TTRL key, ttrl-lr…)")
+                   help="run keys every other key is compared with (default: the plain TTRL key, ttrl-lr…); "
+                        "a run's name, <key>-s<seed>, compares with that seed alone")
     p.add_argument("--sync", action="store_true", help="only copy the logs of --tag's runs into bench/results")
     args = p.parse_args(argv)
     if args.sync or args.summary:

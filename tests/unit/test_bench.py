@@ -563,6 +563,22 @@ def test_long_summary_compares_with_each_named_reference_where_it_has_the_episod
         long.summary("t", ["ttrl-lr0.001"])
 
 
+def test_long_summary_compares_with_one_seed_of_a_pooled_key_when_a_reference_names_the_run(tmp_path, monkeypatch):
+    long, tag = _long_tag(tmp_path, monkeypatch)
+    _fake_run(tag, "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0]})
+    _fake_run(tag, "ttrl-lr0.0001-s1", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1]})
+    _fake_run(tag, "spine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 0, 0, 0]})
+    out = long.summary("t", ["ttrl-lr0.0001", "ttrl-lr0.0001-s0"])
+    comp = out["comparisons"]["spine-lr0.0001"]
+    assert comp["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(-0.5)  # seeds pooled: [1, 1, .5, .5]
+    assert comp["vs_ttrl-lr0.0001-s0/final"]["diff"] == pytest.approx(-0.25)  # seed 0 alone: [1, 1, 0, 0]
+    assert out["keys"]["ttrl-lr0.0001-s0"]["greedy"] == pytest.approx([0.25, 0.5])
+    assert out["keys"]["ttrl-lr0.0001"]["greedy"] == pytest.approx([0.25, 0.75])
+    assert "| spine-lr0.0001 | vs_ttrl-lr0.0001-s0/final | -25.0 [" in (tag / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="no such run key"):
+        long.summary("t", ["ttrl-lr0.0001-s2"])
+
+
 def test_real_sets_are_read_from_the_shared_layout(tmp_path, monkeypatch):
     import json
     import sys
