@@ -444,11 +444,11 @@ def summary(tag: str, references: list[str] | None = None) -> dict:
         references = [k for k in runs if k.startswith("ttrl-") and not k.endswith("(unfinished)")][:1]
     by_name = {r["name"]: r for rs in runs.values() for r in rs}
     runs.update({ref: [by_name[ref]] for ref in references if ref not in runs and ref in by_name})
-    keys = {k: summarise_key(v) for k, v in runs.items()}
-    out = {"tag": tag, "keys": keys, "comparisons": {}}
     missing = [r for r in references if r not in runs]
     if missing:
-        raise SystemExit(f"--reference {' '.join(missing)}: no such run key in {tag} (keys: {', '.join(runs)})")
+        raise SystemExit(f"--reference {' '.join(missing)}: no such run key or run in {tag} (keys: {', '.join(runs)})")
+    keys = {k: summarise_key(v) for k, v in runs.items()}
+    out = {"tag": tag, "keys": keys, "comparisons": {}}
     for k, s in keys.items():
         comp = {}
         for where in ("final", "best"):
