@@ -374,7 +374,10 @@ def summarise_key(runs: list[dict]) -> dict:
     # standard error over the questions, sd / √n; None without ≥ 2 questions
     greedy_se = [_mean_se(v)[1] if (v := _question_vector(runs, e)) is not None and len(v) > 1 else None
                  for e in episodes]
-    return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "episodes": episodes, "greedy": greedy,
+    # the hardware the runs trained on (engine.precision.machine_name; a reused "before" line is another run's)
+    machines = sorted({e["machine"] for r in runs for e in r["evals"] if e.get("machine") and e.get("tag") != "before"})
+    return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "machines": machines,
+            "episodes": episodes, "greedy": greedy,
             "greedy_se": greedy_se,
             "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
             "series": series, "sampled": sampled, "questions": 0 if before is None else len(before),
@@ -482,10 +485,10 @@ def _ci(c):
 
 def render(out: dict) -> str:
     lines = [f"# Long adaptation: {out['tag']}", "",
-             "| run key | seeds | done | greedy before | final (ep) | best (ep) | stop rule ep → greedy | "
+             "| run key | seeds | done | machine | greedy before | final (ep) | best (ep) | stop rule ep → greedy | "
              "avg before → after | length ep1 → last | majority ep1 → last | fork H ep1 → last | "
              "top-20 % H ep1 → last |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, s in out["keys"].items():
         g = dict(zip(s["episodes"], s["greedy"]))
         ser = s["series"]
@@ -495,7 +498,8 @@ def render(out: dict) -> str:
             return f"{_f(v[0], 2)} → {_f(v[-1], 2)}" if v else "–"
         avg = [v for kk, v in s["sampled"].items() if "avg@" in kk]
         lines.append(
-            f"| {k} | {s['seeds']} | {'yes' if s['finished'] else 'no'} | {_f(g.get(0.0))} | "
+            f"| {k} | {s['seeds']} | {'yes' if s['finished'] else 'no'} | {'; '.join(s.get('machines') or []) or '–'} | "
+            f"{_f(g.get(0.0))} | "
             f"{_f(g.get(s['final_episode']))} ({_f(s['final_episode'], 0)}) | {_f(g.get(s['best_episode']))} "
             f"({_f(s['best_episode'], 0)}) | {s['stop_episode'] or '–'} → {_f(g.get(s['stop_eval_episode']))} | "
             f"{' → '.join(_f(v) for v in avg) or '–'} | {first_last('completion/length_mean')} | "

@@ -39,7 +39,7 @@ from .data import load_examples, resolve_task
 from .engine import SamplingParams
 from .engine.builtin import check_sampler, load_builtin_engine
 from .engine.memory import fix_mmap_threshold, peak_memory_metrics, reset_peak_memory
-from .engine.precision import autocast_dtype_for, bf16_supported, compute_name, resolve_device  # noqa: F401 (autocast_dtype_for, bf16_supported: re-exported)
+from .engine.precision import autocast_dtype_for, bf16_supported, compute_name, machine_name, resolve_device  # noqa: F401 (autocast_dtype_for, bf16_supported: re-exported)
 from .engine.scoring import batch_to_device, build_training_batch, micro_batches, score_batch, score_completions  # noqa: F401
 from .embeddings import check_embedder, load_embedder
 from .engine.tree import TreeSampler
@@ -117,7 +117,7 @@ def adapt(config: Config) -> RunResult:
     # Separate generators, so that evaluation or a change of selection never shifts sampling.
     state = TrainState(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o)) if optimizer else None,
                        eng.generator(run.seed), torch.Generator().manual_seed(run.seed + 1),
-                       compute=compute_name(eng.device, eng.autocast_dtype))
+                       compute=compute_name(eng.device, eng.autocast_dtype), machine=machine_name(eng.device))
     if checkpoints:
         changed = state.restore(eng.model, checkpoints[-1], out_dir)
         result.metrics = read_jsonl(out_dir / "metrics.jsonl")
@@ -265,6 +265,7 @@ def evaluate_run(eng, qs: Questions, cfg: Config, tag: str, step: int, out_dir: 
                                seed=cfg.run.seed + 2, progress=bar)
     res.metrics["time_s"] = time.perf_counter() - t0
     append_jsonl(out_dir / "eval.jsonl", {"tag": tag, "step": step, "compute": compute_name(eng.device, eng.autocast_dtype),
+                                          "machine": machine_name(eng.device),
                                           **{f"eval/{k}": v for k, v in res.metrics.items()}})
     append_jsonl(out_dir / "eval_records.jsonl", {"tag": tag, "step": step, "records": res.records})
     log.info(f"eval {tag}: " + format_eval(res.metrics))

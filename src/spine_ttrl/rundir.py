@@ -92,6 +92,7 @@ class TrainState:
     band_anchor: tuple[float, float] | None = None
     entropy_reg: dict = field(default_factory=dict)  # the entropy regulariser's anchor or coefficient
     compute: str = ""  # engine.precision.compute_name of this machine, saved with every checkpoint
+    machine: str = ""  # engine.precision.machine_name of this machine, saved with every checkpoint
 
     def save(self, model, out_dir: Path, keep: int) -> None:
         """Checkpoint the state at ``self.step`` with the JSONL line counts it belongs to."""
@@ -101,12 +102,14 @@ class TrainState:
             "selection_rng": self.selection_gen.get_state(), "order": list(self.order), "step": self.step,
             "lines": {n: count_lines(out_dir / n) for n in LOG_FILES}, "warned": sorted(self.warned),
             "band_anchor": list(self.band_anchor) if self.band_anchor else None,
-            "entropy_reg": dict(self.entropy_reg), "compute": self.compute}, keep=keep)
+            "entropy_reg": dict(self.entropy_reg), "compute": self.compute,
+            "machine": self.machine}, keep=keep)
 
     def restore(self, model, checkpoint: Path, out_dir: Path) -> str:
         """Load a checkpoint into the model and this state; cut the JSONL files back to it. Returns
         a warning (to append to the log line) when the checkpoint was made on a machine that computes
-        otherwise than this one (``compute``), else ''."""
+        otherwise than this one (``compute``), a note when it computed the same way on other
+        hardware (``machine``: other kernels, so possibly other sampled tokens), else ''."""
         state = load_checkpoint(checkpoint)
         load_trainable_state(model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -120,7 +123,11 @@ class TrainState:
         self.band_anchor = tuple(state["band_anchor"]) if state.get("band_anchor") else None
         self.entropy_reg = dict(state.get("entropy_reg", {}))
         if state.get("compute", self.compute) == self.compute:
-            return ""
+            there = state.get("machine") or ""
+            if not there or not self.machine or there == self.machine:
+                return ""
+            return (f"\nnote: the run so far ran on {there}, this machine is {self.machine}: their kernels "
+                    "differ, so from here on it may sample other tokens than it would have there")
         return (f"\nwarning: the run so far computed in {state['compute']}, this machine computes in {self.compute}: "
                 "from here on it samples other tokens than it would have; set --precision to keep one")
 

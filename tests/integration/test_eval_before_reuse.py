@@ -90,3 +90,32 @@ def test_a_resume_on_a_machine_that_computes_otherwise_says_so(tmp_path, capsys)
     assert f"the run so far computed in cuda bf16, this machine computes in {here}" in out
     state = torch.load(run / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
     assert state["compute"] == here  # the newest checkpoint records the machine that made it
+
+
+def test_a_resume_on_other_hardware_that_computes_the_same_way_notes_it(tmp_path, capsys):
+    import torch
+
+    from spine_ttrl.engine.precision import machine_name
+
+    run = tmp_path / "run"
+    assert main(["adapt", *ARGS, "--skip-eval-before", "--save-every", "1", "--out", str(run)]) == 0
+    here = machine_name("cpu")
+    assert [json.loads(x)["machine"] for x in (run / "eval.jsonl").read_text().splitlines()] == [here]
+    state_file = run / "checkpoints" / "step-000001" / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["machine"] == here
+    state["machine"] = "Another CPU (amx)"  # same precision, other kernels
+    torch.save(state, state_file)
+    capsys.readouterr()
+    assert main(["adapt", "--resume", str(run), "--steps", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: the run so far ran on Another CPU (amx), this machine is {here}" in out
+    assert "warning: the run so far computed in" not in out  # it computes the same way
+    assert torch.load(run / "checkpoints" / "step-000002" / "state.pt", weights_only=False)["machine"] == here
+    # a checkpoint from before machines were recorded resumes without a note
+    state = torch.load(run / "checkpoints" / "step-000002" / "state.pt", weights_only=False)
+    del state["machine"]
+    torch.save(state, run / "checkpoints" / "step-000002" / "state.pt")
+    capsys.readouterr()
+    assert main(["adapt", "--resume", str(run), "--steps", "3", "--no-progress"]) == 0
+    assert "note: the run so far ran on" not in capsys.readouterr().out

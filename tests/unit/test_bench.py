@@ -537,8 +537,8 @@ def test_long_summary_pools_finished_seeds_and_shows_an_unfinished_one_apart(tmp
     # an unfinished seed against the finished reference at its own last episode (1): [1,0,0,0] vs [1,1,0,0]
     assert out["comparisons"]["spine-lr0.0001 s1 (unfinished)"]["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(-0.25)
     md = (tag / "summary.md").read_text()
-    assert "| ttrl-lr0.0001 | 1 | yes | 0.250 | 0.750 (2) |" in md
-    assert "| ttrl-lr0.0001 s1 (unfinished) | 1 | no | 0.000 | 0.250 (1) |" in md
+    assert "| ttrl-lr0.0001 | 1 | yes | – | 0.250 | 0.750 (2) |" in md
+    assert "| ttrl-lr0.0001 s1 (unfinished) | 1 | no | – | 0.000 | 0.250 (1) |" in md
 
 
 def test_long_summary_compares_with_each_named_reference_where_it_has_the_episode(tmp_path, monkeypatch):
@@ -866,3 +866,25 @@ def test_long_sync_writes_the_training_majorities_and_the_summary_lists_them(tmp
     md = long.render(long.summary("t"))
     assert "- spine-lr0.0001-s0: 1 lost, 0 gained, 0 wrong, 0 mixed" in md
     assert "  - q0 (label 40, lost): 40 (8), 30✗ (5)" in md
+
+
+def test_long_summary_names_the_machines_a_key_trained_on_not_the_reused_base_evaluations(tmp_path, monkeypatch):
+    import json
+
+    long, tag = _long_tag(tmp_path, monkeypatch)
+    for name, machine in (("ttrl-lr0.0001-s0", "CPU A (amx)"), ("ttrl-lr0.0001-s1", "CPU B (avx512_bf16)"),
+                          ("spine-lr0.0001-s0", None)):
+        _fake_run(tag, name, {0: [1, 0, 0, 0], 2: [1, 1, 0, 0]})
+        f = tag / name / "eval.jsonl"
+        rows = [json.loads(x) for x in f.read_text().splitlines()]
+        for r in rows:  # the base evaluation reused from a run on a third machine
+            r["machine"] = "CPU C (amx)" if r["tag"] == "before" else machine
+        f.write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
+    out = long.summary("t")
+    assert out["keys"]["ttrl-lr0.0001"]["machines"] == ["CPU A (amx)", "CPU B (avx512_bf16)"]
+    assert out["keys"]["spine-lr0.0001"]["machines"] == []  # logs from before machines were recorded
+    md = long.render(out)
+    assert "| machine |" in md.splitlines()[2]
+    row = next(x for x in md.splitlines() if x.startswith("| ttrl-lr0.0001 |"))
+    assert row.split(" | ")[3] == "CPU A (amx); CPU B (avx512_bf16)"
+    assert next(x for x in md.splitlines() if x.startswith("| spine-lr0.0001 |")).split(" | ")[3] == "–"

@@ -75,3 +75,19 @@ def test_compute_name_records_device_type_and_precision():
     assert compute_name("cpu", None) == "cpu fp32"
     assert compute_name(torch.device("cpu"), torch.bfloat16) == "cpu bf16"
     assert compute_name("cuda:1", torch.bfloat16) == "cuda bf16"  # the index is not part of how it computes
+
+
+def test_machine_name_names_the_cpu_model_and_its_native_bf16_instructions(tmp_path, monkeypatch):
+    from spine_ttrl.engine import precision
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 7B13\n")
+    assert precision.cpu_model_name(str(info)) == "AMD EPYC 7B13"
+    assert precision.cpu_model_name(str(tmp_path / "none")) not in ("", None)  # platform's name, or "unknown CPU"
+    monkeypatch.setattr(precision, "cpu_model_name", lambda: "Some CPU")
+    for amx, avx, isa in ((True, True, "amx"), (False, True, "avx512_bf16"), (False, False, "no native bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx=avx: avx, raising=False)
+        assert precision.machine_name("cpu") == f"Some CPU ({isa})"
+        assert precision.machine_name(torch.device("cpu")) == f"Some CPU ({isa})"

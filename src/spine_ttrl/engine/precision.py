@@ -8,6 +8,7 @@ entropy and loss arithmetic is always fp32 (see :mod:`spine_ttrl.tokens`).
 from __future__ import annotations
 
 import contextlib
+import platform
 import re
 
 import torch
@@ -70,6 +71,39 @@ def compute_name(device: torch.device | str, autocast_dtype: torch.dtype | None)
     ``bf16`` (bf16 autocast, fp32 weights) or ``fp32``, e.g. ``"cpu bf16"``. ``precision = auto``
     resolves differently on different machines, and the two sample different tokens."""
     return f"{torch.device(device).type} {'bf16' if autocast_dtype is torch.bfloat16 else 'fp32'}"
+
+
+def cpu_model_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name: the first ``model name`` line of ``cpuinfo`` (Linux), else
+    ``platform.processor()``, else ``platform.machine()``, else ``"unknown CPU"``."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_name(device: torch.device | str = "cpu") -> str:
+    """Which hardware a run computes on, recorded beside :func:`compute_name`: on CUDA the GPU's
+    name; on a CPU its model name and the native bf16 instructions its kernels use — ``amx``
+    (checked first: a CPU with AMX also has AVX512-BF16), ``avx512_bf16`` or ``no native bf16`` —
+    e.g. ``"AMD EPYC (avx512_bf16)"``. Two machines that compute the same way (one
+    ``compute_name``) can still run different kernels and so sample different tokens from the
+    same seed; this names the machine, it does not decide anything."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = getattr(torch, "cpu", None)
+
+    def has(check: str) -> bool:
+        fn = getattr(cpu, check, None)
+        return bool(fn and fn())
+    isa = ("amx" if has("_is_amx_tile_supported") else
+           "avx512_bf16" if has("_is_avx512_bf16_supported") else "no native bf16")
+    return f"{cpu_model_name()} ({isa})"
 
 
 @contextlib.contextmanager
