@@ -184,6 +184,23 @@ def base_evaluation(cfg, tag_dirs: list[Path], run_dir: Path) -> Path | None:
     return None
 
 
+def resume_or_reuse(cfg, run_dir: Path, search: list[Path]):
+    """``cfg`` set to resume ``run_dir`` when it holds a run, else to reuse a matching base evaluation
+    found in ``search`` (:func:`base_evaluation`; none searched when empty). A resumed run rewrites
+    its ``config.toml`` from ``cfg``, so the ``eval.before_from`` it was started with is carried over
+    (while that directory exists): the saved config keeps saying where its base evaluation came from."""
+    from spine_ttrl.config import load_toml
+
+    if (run_dir / "config.toml").exists():
+        cfg.run.resume, cfg.run.out = str(run_dir), ""
+        kept = load_toml(run_dir / "config.toml").get("eval", {}).get("before_from", "")
+        if kept and Path(kept).is_dir():
+            cfg.eval.before_from = kept
+    elif search and (src := base_evaluation(cfg, search, run_dir)) is not None:
+        cfg.eval.before_from = str(src)  # the base model's sampled evaluation is the same for every run
+    return cfg
+
+
 def run_one(args, method: str, seed: int, lr: float, n_questions: int) -> None:
     from spine_ttrl import adapt
 
@@ -192,10 +209,7 @@ def run_one(args, method: str, seed: int, lr: float, n_questions: int) -> None:
     if (dest / "done").exists():
         return
     cfg = run_config(args, method, seed, lr, run_dir, n_questions)
-    if (run_dir / "config.toml").exists():
-        cfg.run.resume, cfg.run.out = str(run_dir), ""
-    elif args.reuse_before and (src := base_evaluation(cfg, [args.runs_root / args.tag, ROOT / args.tag], run_dir)) is not None:
-        cfg.eval.before_from = str(src)  # the base model's sampled evaluation is the same for every run
+    cfg = resume_or_reuse(cfg, run_dir, [args.runs_root / args.tag, ROOT / args.tag] if args.reuse_before else [])
     print(f"== {args.tag}/{name}: {cfg.optim.steps} steps", flush=True)
     adapt(cfg)
     sync(run_dir, dest)

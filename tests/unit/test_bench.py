@@ -793,6 +793,38 @@ def test_long_runs_reuse_a_matching_base_evaluation(tmp_path):
     assert long.base_evaluation(cfg("ttrl", 0), [runs, synced], old) is None  # never itself
 
 
+def test_long_resume_keeps_where_the_base_evaluation_came_from(tmp_path):
+    import json
+
+    from spine_ttrl.config import load_toml, make_config, to_toml
+    from spine_ttrl.engine.precision import autocast_dtype_for, compute_name
+
+    long = _long()
+
+    def cfg():
+        return make_config("spine", overrides={"data": {"data": "arith:5:16:4242"}})
+    src, run = tmp_path / "ttrl-lr0.0001-s0", tmp_path / "spine-lr0.0001-s0"
+    src.mkdir()
+    (src / "config.toml").write_text(to_toml(make_config("ttrl", overrides={"data": {"data": "arith:5:16:4242"}})))
+    (src / "eval_records.jsonl").write_text(json.dumps({"tag": "before", "step": 0, "records": []}) + "\n")
+    (src / "eval.jsonl").write_text(json.dumps({"tag": "before", "step": 0, "eval/greedy_pass@1": 0.5,
+                                                "compute": compute_name("cpu", autocast_dtype_for("auto", "cpu"))}) + "\n")
+    first = long.resume_or_reuse(cfg(), run, [tmp_path])  # a new run reuses the matching evaluation
+    assert first.eval.before_from == str(src) and not first.run.resume
+    assert long.resume_or_reuse(cfg(), run, []).eval.before_from == ""  # --no-reuse-before
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(first))  # what the started run saved
+    again = long.resume_or_reuse(cfg(), run, [tmp_path])
+    assert again.run.resume == str(run) and again.eval.before_from == str(src)  # carried into the rewritten config
+    assert load_toml(run / "config.toml")["eval"]["before_from"] == str(src)
+    import shutil
+
+    shutil.rmtree(src)  # on a machine without that directory the resume does not point at it
+    assert long.resume_or_reuse(cfg(), run, [tmp_path]).eval.before_from == ""
+    (run / "config.toml").write_text(to_toml(cfg()))  # a run that made its own evaluation
+    assert long.resume_or_reuse(cfg(), run, [tmp_path]).eval.before_from == ""
+
+
 def test_long_sync_never_replaces_longer_logs(tmp_path):
     long = _long()
     run, dest = tmp_path / "run", tmp_path / "results" / "run"
