@@ -512,7 +512,7 @@ def render(out: dict) -> str:
             return f"{_f(v[0], 2)} → {_f(v[-1], 2)}" if v else "–"
         avg = [v for kk, v in s["sampled"].items() if "avg@" in kk]
         lines.append(
-            f"| {k} | {s['seeds']} | {'yes' if s['finished'] else 'no'} | {'; '.join(s.get('machines') or []) or '–'} | "
+            f"| {k} | {s['seeds']} | {'yes' if s['finished'] else 'no'} | {'; '.join(s['machines']) or '–'} | "
             f"{_f(g.get(0.0))} | "
             f"{_f(g.get(s['final_episode']))} ({_f(s['final_episode'], 0)}) | {_f(g.get(s['best_episode']))} "
             f"({_f(s['best_episode'], 0)}) | {s['stop_episode'] or '–'} → {_f(g.get(s['stop_eval_episode']))} | "

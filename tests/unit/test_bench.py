@@ -795,6 +795,7 @@ def test_long_runs_reuse_a_matching_base_evaluation(tmp_path):
 
 def test_long_resume_keeps_where_the_base_evaluation_came_from(tmp_path):
     import json
+    import shutil
 
     from spine_ttrl.config import load_toml, make_config, to_toml
     from spine_ttrl.engine.precision import autocast_dtype_for, compute_name
@@ -817,8 +818,6 @@ def test_long_resume_keeps_where_the_base_evaluation_came_from(tmp_path):
     again = long.resume_or_reuse(cfg(), run, [tmp_path])
     assert again.run.resume == str(run) and again.eval.before_from == str(src)  # carried into the rewritten config
     assert load_toml(run / "config.toml")["eval"]["before_from"] == str(src)
-    import shutil
-
     shutil.rmtree(src)  # on a machine without that directory the resume does not point at it
     assert long.resume_or_reuse(cfg(), run, [tmp_path]).eval.before_from == ""
     (run / "config.toml").write_text(to_toml(cfg()))  # a run that made its own evaluation

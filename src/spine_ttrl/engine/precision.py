@@ -47,10 +47,14 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
     newer), or a CPU with AVX512-BF16 or AMX."""
     if torch.device(device).type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    check = getattr(cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(cpu, "_is_amx_tile_supported", None)
-    return bool((check and check()) or (amx and amx()))
+    return _cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")
+
+
+def _cpu_has(check: str) -> bool:
+    """The answer of ``torch.cpu.<check>()`` (e.g. ``_is_amx_tile_supported``); False where this
+    torch has no such check."""
+    fn = getattr(getattr(torch, "cpu", None), check, None)
+    return bool(fn and fn())
 
 
 def autocast_dtype_for(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
@@ -96,13 +100,8 @@ def machine_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = getattr(torch, "cpu", None)
-
-    def has(check: str) -> bool:
-        fn = getattr(cpu, check, None)
-        return bool(fn and fn())
-    isa = ("amx" if has("_is_amx_tile_supported") else
-           "avx512_bf16" if has("_is_avx512_bf16_supported") else "no native bf16")
+    isa = ("amx" if _cpu_has("_is_amx_tile_supported") else
+           "avx512_bf16" if _cpu_has("_is_avx512_bf16_supported") else "no native bf16")
     return f"{cpu_model_name()} ({isa})"
 
 
