@@ -128,6 +128,7 @@ class OptimConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     diagnostics: bool = _f(False, "Also log the size of each update (weight change norm, KL(new||old) on the batch after the update) and the gradient norm of each loss term separately; costs one extra no-grad pass and one backward per loss term.")
     diagnostics_every: int = _f(1, "With diagnostics: compute them on steps 1, 1 + k, 1 + 2k, ... only (the other steps run one backward and no extra pass; the update is the same either way, up to floating-point rounding).")
+    skip_inert_rows: bool = _f(True, "Built-in engine: skip the forward and backward passes of a micro-batch whose completions carry no loss term: zero advantage (a question whose rollouts all agree, under the majority reward), no band on them, no KL and no entropy regulariser. Their gradient is exactly zero, so the update is the same bit for bit, only faster once the majority saturates. Not on diagnostics steps (which measure every row).")
     logit_chunk_size: int = _f(128, "Rows per chunk in the chunked log-prob/entropy computation (bounds logits memory: chunk x vocabulary floats).")
 
 

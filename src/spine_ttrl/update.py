@@ -222,6 +222,8 @@ def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: 
         t_opt += time.perf_counter() - t0
     model.eval()
     m.update({"time/forward_backward_s": t_fb, "tokens/model_positions": float(run.stats.get("positions", 0)),
+              "update/skipped_rows_fraction": run.stats.get("skipped_rows", 0) / max(o.updates_per_batch, 1)
+              / max(batch[4].shape[0], 1),
               "time/optimizer_s": t_opt, **run.agg, "optim/grad_norm": grad_norm,
               "optim/lr": optimizer.param_groups[0]["lr"]})
     if diag:
@@ -337,10 +339,14 @@ class _GradientPass:
         if self.sel is not None and not self.prepared:
             self._prepare()
         self.nucleus = [0.0, 0]
+        inert = self._inert_rows()
         # One autocast context per update: weights are cast to the low precision once, not per
         # micro-batch (the cast cache is dropped on exit, before the optimiser changes them).
         with autocast_context(self.amp, self.model):
             for rows in micro_batches(B, self.o.micro_batch_size):
+                if inert is not None and bool(inert[rows].all()):  # exactly zero gradient: no pass needed
+                    self.stats["skipped_rows"] = self.stats.get("skipped_rows", 0) + len(rows)
+                    continue
                 hidden = [] if self.sp.entropy_reg == "anchored" else None
                 lp, en, _ = score_completions(self.model, self.batch, rows, temperature=self.temperature,
                                               chunk_size=self.o.logit_chunk_size, stats=self.stats, hidden_out=hidden)
@@ -367,9 +373,30 @@ class _GradientPass:
                         loss.backward()
                 if last:
                     _accumulate(self.agg, parts, len(rows) / B)
+        for p in params:  # every micro-batch skipped: zero gradients, so AdamW steps as it would have
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if self.sp.entropy_reg == "anchored" and "anchor" not in self.reg_state and self.nucleus[1]:
             self.reg_state["anchor"] = self.nucleus[0] / self.nucleus[1]  # SIREN's anchor: the first update's
         return False
+
+    def _inert_rows(self) -> torch.Tensor | None:
+        """(B,) bool: the rows whose every loss term is identically zero — advantage exactly 0
+        (the policy term is A-linear, also under EAR shaping and STEER weights), no band edges
+        (no band, ``band_rows`` gating, or no forking token) — or None when a term acts on every
+        row (KL, entropy regulariser), before the Selection exists (its pass needs every row),
+        on diagnostics steps, or with ``skip_inert_rows`` off. Skipping such rows' passes leaves
+        the gradient bit for bit the same: they would add exact zeros."""
+        sp, sel = self.sp, self.sel
+        if (not self.o.skip_inert_rows or self.diagnostics or sel is None or sp.entropy_reg != "none"
+                or (self.ref_logp is not None and sp.kl_coef != 0)):
+            return None
+        inert = self.advantages == 0
+        if inert.dim() > 1:
+            inert = inert.all(dim=1)
+        if sel.low is not None:
+            inert = inert & (torch.isnan(sel.low) | torch.isnan(sel.high) | ~sel.fork_mask.any(dim=1))
+        return inert
 
     def _backward_by_term(self, parts: dict, params) -> None:
         """Backward each loss term separately (policy, band, kl_coef × kl), keep each term's

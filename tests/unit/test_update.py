@@ -245,3 +245,58 @@ def test_band_rows_contested_gives_the_band_of_the_contested_rows_alone():
     assert expect.item() > 0 and m["loss/band"] == pytest.approx(expect.item(), rel=1e-5)
     ungated = band_penalty(h, sel.fork_mask, sel.low, sel.high, sp.beta_low, sp.beta_up, int(mask.sum()))
     assert ungated.item() > expect.item()  # rows 2-3 do have a band when it is not gated
+
+
+
+def _adamw_steps(preset, advs, skip, micro=2, behaviour=False, ref_logp=None, **spine):
+    """Consecutive AdamW updates of one model, one per advantage vector; (model, metrics of each)."""
+    from spine_ttrl.engine.scoring import score_batch
+    from spine_ttrl.update import make_optimizer
+
+    model = tiny_llama(seed=1).float()
+    cfg = make_config(preset, overrides={"optim": {"micro_batch_size": micro, "lr": 1e-2, "skip_inert_rows": skip},
+                                         "spine": spine})
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    ent = score_batch(tiny_llama(seed=1).float(), _batch(), micro, temperature=0.7, chunk_size=512)[1] if behaviour else None
+    ms = [update_on_batch(model, opt, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7, group_size=2,
+                          behaviour_entropy=ent, ref_logp=ref_logp).metrics for adv in advs]
+    return model, ms
+
+
+@pytest.mark.parametrize("behaviour", [False, True])
+@pytest.mark.parametrize("preset,spine,skipped", [("ttrl", {}, 0.5), ("spine", {"band_rows": "contested"}, 0.5),
+                                                  ("spine", {"scope": "response"}, 0.0), ("ttrl", {"kl_coef": 0.1}, 0.0)])
+def test_unanimous_questions_skip_their_passes_and_the_update_is_bit_identical(preset, spine, skipped, behaviour):
+    # step 1 contested everywhere; step 2: group 0 (rows 0-1) unanimous, A = 0, group 1 contested;
+    # step 3: every question unanimous. With nothing to pass, the gradients must still be zeros
+    # (not None), or AdamW would skip the momentum step it takes with zero gradients. The paper's
+    # band with scope=response gives every response forks and a band: nothing is inert.
+    contested = group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0]), 2)
+    assert contested[:2].tolist() == [0.0, 0.0] and contested[2] != 0
+    advs = [group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2), contested, torch.zeros(4)]
+    # the KL acts on every row: the frozen model's log-probs come from the caller, any (B, T) tensor
+    ref = torch.full(_batch()[4].shape, -3.0) if spine.get("kl_coef") else None
+    on, m_on = _adamw_steps(preset, advs, True, behaviour=behaviour, ref_logp=ref, **spine)
+    off, m_off = _adamw_steps(preset, advs, False, behaviour=behaviour, ref_logp=ref, **spine)
+    for (n, a), b in zip(on.named_parameters(), off.parameters()):
+        assert torch.equal(a, b), n
+    assert [m["update/skipped_rows_fraction"] for m in m_on] == [0.0, skipped, 2 * skipped]
+    assert all(m["update/skipped_rows_fraction"] == 0.0 for m in m_off)
+    if skipped:
+        assert m_on[1]["tokens/model_positions"] < m_off[1]["tokens/model_positions"]
+        assert m_on[2]["tokens/model_positions"] == 0
+    base = tiny_llama(seed=1).float()
+    assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), on.parameters()))
+    for a, b in zip(m_on, m_off):
+        assert a["loss/policy"] == b["loss/policy"] and a["optim/grad_norm"] == b["optim/grad_norm"]
+
+
+def test_diagnostics_steps_pass_every_row():
+    cfg_adv = [torch.zeros(4)]
+    from spine_ttrl.update import make_optimizer
+
+    model = tiny_llama(seed=1).float()
+    cfg = make_config("ttrl", overrides={"optim": {"micro_batch_size": 2, "diagnostics": True}})
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    m = update_on_batch(model, opt, _batch(), cfg_adv[0], cfg.spine, cfg.optim, temperature=0.7, group_size=2).metrics
+    assert m["update/skipped_rows_fraction"] == 0.0 and m["tokens/model_positions"] > 0
