@@ -373,9 +373,10 @@ class _GradientPass:
                         loss.backward()
                 if last:
                     _accumulate(self.agg, parts, len(rows) / B)
-        for p in params:  # every micro-batch skipped: zero gradients, so AdamW steps as it would have
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        if inert is not None and bool(inert.all()):  # every micro-batch skipped: the zero gradients
+            for p in params:                          # the passes would have left, so AdamW steps as before
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         if self.sp.entropy_reg == "anchored" and "anchor" not in self.reg_state and self.nucleus[1]:
             self.reg_state["anchor"] = self.nucleus[0] / self.nucleus[1]  # SIREN's anchor: the first update's
         return False

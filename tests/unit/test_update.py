@@ -247,7 +247,6 @@ def test_band_rows_contested_gives_the_band_of_the_contested_rows_alone():
     assert ungated.item() > expect.item()  # rows 2-3 do have a band when it is not gated
 
 
-
 def _adamw_steps(preset, advs, skip, micro=2, behaviour=False, ref_logp=None, **spine):
     """Consecutive AdamW updates of one model, one per advantage vector; (model, metrics of each)."""
     from spine_ttrl.engine.scoring import score_batch
@@ -292,11 +291,10 @@ def test_unanimous_questions_skip_their_passes_and_the_update_is_bit_identical(p
 
 
 def test_diagnostics_steps_pass_every_row():
-    cfg_adv = [torch.zeros(4)]
     from spine_ttrl.update import make_optimizer
 
     model = tiny_llama(seed=1).float()
     cfg = make_config("ttrl", overrides={"optim": {"micro_batch_size": 2, "diagnostics": True}})
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    m = update_on_batch(model, opt, _batch(), cfg_adv[0], cfg.spine, cfg.optim, temperature=0.7, group_size=2).metrics
+    m = update_on_batch(model, opt, _batch(), torch.zeros(4), cfg.spine, cfg.optim, temperature=0.7, group_size=2).metrics
     assert m["update/skipped_rows_fraction"] == 0.0 and m["tokens/model_positions"] > 0
