@@ -28,7 +28,7 @@ Usage::
     M=~/.cache/spine-ttrl/bench/qwen2.5-coder-0.5b-instruct.gguf
     python bench/tokens_moved.py --tag tune-L5 --runs ttrl-lr0.0001-s0 spine-lr0.0001-s0 --threads 1
 
-writes ``bench/results/long/<tag>/tokens_moved.{json,md}``. A run's checkpoint must still exist
+writes ``bench/results/long/<tag>/tokens_moved.{json,md}`` (``--out NAME``: ``NAME.{json,md}``). A run's checkpoint must still exist
 (``~/.cache/spine-ttrl/bench/long/<tag>/<run>/checkpoints/``; a finished run keeps its last one).
 """
 from __future__ import annotations
@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--band", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="entropy band to place each model's forks against (default: the anchored band of the "
                         "first listed run that has one; without either the band table is left out)")
+    p.add_argument("--out", default="tokens_moved",
+                   help="file name (without suffix) of the report under bench/results/long/<tag>/, so that a "
+                        "comparison of other runs does not replace an earlier one")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
            "temperature": temperature, "band": band, "models": models}
     dest = ROOT / args.tag
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "tokens_moved.json").write_text(json.dumps(out, indent=1))
-    (dest / "tokens_moved.md").write_text(_render(out))
+    (dest / f"{args.out}.json").write_text(json.dumps(out, indent=1))
+    (dest / f"{args.out}.md").write_text(_render(out))
     print(_render(out))
     return 0
 
