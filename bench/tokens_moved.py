@@ -28,8 +28,9 @@ Usage::
     M=~/.cache/spine-ttrl/bench/qwen2.5-coder-0.5b-instruct.gguf
     python bench/tokens_moved.py --tag tune-L5 --runs ttrl-lr0.0001-s0 spine-lr0.0001-s0 --threads 1
 
-writes ``bench/results/long/<tag>/tokens_moved.{json,md}`` (``--out NAME``: ``NAME.{json,md}``). A run's checkpoint must still exist
-(``~/.cache/spine-ttrl/bench/long/<tag>/<run>/checkpoints/``; a finished run keeps its last one).
+writes ``bench/results/long/<tag>/tokens_moved.{json,md}`` (``--out NAME``: ``NAME.{json,md}``). A
+run's checkpoint must still exist (``~/.cache/spine-ttrl/bench/long/<tag>/<run>/checkpoints/``; a
+finished run keeps its last one).
 """
 from __future__ import annotations
 
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="file name (without suffix) of the report under bench/results/long/<tag>/, so that a "
                         "comparison of other runs does not replace an earlier one")
     args = p.parse_args(argv)
+    if not args.out or Path(args.out).name != args.out:
+        p.error(f"--out must be a plain file name without a directory, got {args.out!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from spine_ttrl.checkpoint import list_checkpoints, load_checkpoint, load_trainable_state

@@ -709,6 +709,14 @@ def test_long_stop_rule_uses_the_top20_entropy_when_logged(tmp_path, monkeypatch
     assert "| 0.20 → 0.20 | 1.00 → 0.40 |" in (tmp_path / "t" / "summary.md").read_text()
 
 
+@pytest.mark.parametrize("out", ["", "../elsewhere", "a/b"])
+def test_tokens_moved_rejects_an_out_name_with_a_directory(out, tmp_path, capsys):
+    tm = _load("tokens_moved")
+    with pytest.raises(SystemExit) as e:
+        tm.main(["--tag", "t", "--runs", "r", "--runs-root", str(tmp_path), "--out", out])
+    assert e.value.code == 2 and "--out must be a plain file name" in capsys.readouterr().err
+
+
 def test_tokens_moved_categories_and_fork_statistics():
     import torch
 
