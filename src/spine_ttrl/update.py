@@ -12,7 +12,9 @@ The order (SPINE v1, eq. 1–4 of ``docs/algorithm.md``):
    tokens Σ|y_i|, plus ``kl_coef`` × the k3 KL to the frozen initial model divided by the
    number of tokens it is computed on. One global normaliser, so gradient accumulation over
    micro-batches gives the full-batch gradient.
-3. **Step**: gradient clipping and AdamW; a non-finite loss or gradient skips the update.
+3. **Step**: gradient clipping and AdamW; a non-finite loss or gradient skips the update, and so
+   does a gradient of exactly zero with ``skip_empty_steps`` (else AdamW's momentum moves the
+   weights on a batch that carries no signal).
 
 The neighbours' switches act here too, once per batch from the behaviour policy before the first
 micro-batch: the selection signal (``selection_signal`` → :data:`spine_ttrl.tokens.SELECTION_SIGNALS`),
@@ -213,7 +215,9 @@ def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: 
         bad = run.accumulate_gradients(epoch, params)
         t_fb += time.perf_counter() - t0
         t0 = time.perf_counter()
-        grad_norm, ok = _optimizer_step(optimizer, params, o.max_grad_norm, bad)
+        grad_norm, ok = _optimizer_step(optimizer, params, o.max_grad_norm, bad, o.skip_empty_steps)
+        if ok and o.skip_empty_steps and grad_norm == 0.0:
+            m["optim/skipped_empty_updates"] = m.get("optim/skipped_empty_updates", 0.0) + 1
         if not ok:
             if log is not None:
                 log.info("non-finite loss or gradient: update skipped")
@@ -445,14 +449,16 @@ def _accumulate(agg: dict, parts: dict, weight: float) -> None:
         agg["loss/entropy_reg"] += parts["entropy_reg"].item()
 
 
-def _optimizer_step(optimizer, params, max_grad_norm: float, bad: bool) -> tuple[float, bool]:
+def _optimizer_step(optimizer, params, max_grad_norm: float, bad: bool, skip_empty: bool = False) -> tuple[float, bool]:
     """Clip and step; on a non-finite loss (``bad``) or gradient, zero the gradients and skip.
-    Returns (gradient norm before clipping, whether the step was taken)."""
+    With ``skip_empty``, a gradient of norm exactly 0 takes no step either (AdamW would move the
+    weights by its momentum alone). Returns (gradient norm before clipping, whether the loss and
+    gradient were finite)."""
     grad_norm = float("nan")
     if not bad:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
         bad = not math.isfinite(grad_norm)
-    if not bad:
+    if not bad and not (skip_empty and grad_norm == 0.0):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, not bad

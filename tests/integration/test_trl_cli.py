@@ -105,6 +105,7 @@ def test_resume_continues_from_trl_checkpoint(model_and_data, tmp_path):
     (["--preset", "ettrl"], "(got advantage_shaping=ear, rollout=tree)"),
     (["--preset", "siren"], "(got entropy_reg=anchored)"),
     (["--preset", "spine", "--band-rows", "contested"], "(got band_rows=contested)"),
+    (["--skip-empty-steps"], "skip_empty_steps is a built-in engine setting"),
     (["--advantage-norm", "batch", "--token-weights", "steer", "--selection-signal", "window"],
      "(got advantage_norm=batch, token_weights=steer, selection_signal=window)"),
 ])

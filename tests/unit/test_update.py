@@ -290,6 +290,51 @@ def test_unanimous_questions_skip_their_passes_and_the_update_is_bit_identical(p
         assert a["loss/policy"] == b["loss/policy"] and a["optim/grad_norm"] == b["optim/grad_norm"]
 
 
+def _steps_with(preset, advs, skip_empty, **spine):
+    """Consecutive AdamW updates (lr 1e-2) of one model with ``skip_empty_steps`` set; the
+    parameters after each update and each update's metrics."""
+    from spine_ttrl.update import make_optimizer
+
+    model = tiny_llama(seed=1).float()
+    cfg = make_config(preset, overrides={"optim": {"micro_batch_size": 2, "lr": 1e-2, "skip_empty_steps": skip_empty},
+                                         "spine": spine})
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    params, ms = [], []
+    for adv in advs:
+        ms.append(update_on_batch(model, opt, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7,
+                                  group_size=2).metrics)
+        params.append([p.detach().clone() for p in model.parameters()])
+    return params, ms
+
+
+@pytest.mark.parametrize("preset,spine", [("ttrl", {}), ("spine", {"band_rows": "contested"})])
+def test_skip_empty_steps_leaves_the_weights_alone_on_a_zero_gradient(preset, spine):
+    # step 1 contested, step 2 every question unanimous (A = 0 everywhere): the gradient is exactly 0
+    advs = [group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2), torch.zeros(4)]
+    on, m_on = _steps_with(preset, advs, True, **spine)
+    off, m_off = _steps_with(preset, advs, False, **spine)
+    assert m_on[1]["optim/grad_norm"] == 0.0 and m_off[1]["optim/grad_norm"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(on[0], off[0]))  # the first step is the same either way
+    assert all(torch.equal(a, b) for a, b in zip(on[0], on[1]))   # skipped: nothing moved
+    assert m_on[1]["optim/skipped_empty_updates"] == 1 and "optim/skipped_empty_updates" not in m_on[0]
+    # off, AdamW's momentum moves the weights with a zero gradient, about 0.9x the first step
+    def dist(xs, ys):
+        return sum(float((x - y).pow(2).sum()) for x, y in zip(xs, ys)) ** 0.5
+
+    first = dist(off[0], [p.detach() for p in tiny_llama(seed=1).float().parameters()])
+    moved = dist(off[1], off[0])
+    assert 0.5 * first < moved < first
+    assert "optim/skipped_empty_updates" not in m_off[1]
+
+
+def test_skip_empty_steps_still_steps_when_the_band_acts_on_unanimous_rows():
+    # the paper's per-response band acts on every row: with A = 0 everywhere the gradient is the band's
+    advs = [group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2), torch.zeros(4)]
+    on, m_on = _steps_with("spine", advs, True, scope="response")
+    assert m_on[1]["optim/grad_norm"] > 0 and "optim/skipped_empty_updates" not in m_on[1]
+    assert any(not torch.equal(a, b) for a, b in zip(on[0], on[1]))
+
+
 def test_diagnostics_steps_pass_every_row():
     from spine_ttrl.update import make_optimizer
 

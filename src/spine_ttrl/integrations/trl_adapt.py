@@ -70,6 +70,8 @@ def check_trl_config(cfg: Config, num_processes: int = 1) -> None:
         raise ValueError("--engine trl passes chat messages to TRL: long_prompts=truncate is not supported (use skip or error)")
     if cfg.model.device.startswith("cuda:"):
         raise ValueError("--engine trl places process i on GPU i: choose GPUs with CUDA_VISIBLE_DEVICES, not --device cuda:N")
+    if o.skip_empty_steps:
+        raise ValueError("--engine trl steps the optimiser on every batch: skip_empty_steps is a built-in engine setting")
     if cfg.preset == "none" or o.steps == 0:
         raise ValueError("--engine trl trains; for evaluation only use `spine-ttrl eval` (the built-in engine)")
     sp = cfg.spine
