@@ -215,10 +215,10 @@ def update_on_batch(model, optimizer, batch, advantages, sp, o, *, temperature: 
         bad = run.accumulate_gradients(epoch, params)
         t_fb += time.perf_counter() - t0
         t0 = time.perf_counter()
-        grad_norm, ok = _optimizer_step(optimizer, params, o.max_grad_norm, bad, o.skip_empty_steps)
-        if ok and o.skip_empty_steps and grad_norm == 0.0:
+        grad_norm, status = _optimizer_step(optimizer, params, o.max_grad_norm, bad, o.skip_empty_steps)
+        if status == "empty":
             m["optim/skipped_empty_updates"] = m.get("optim/skipped_empty_updates", 0.0) + 1
-        if not ok:
+        elif status == "nonfinite":
             if log is not None:
                 log.info("non-finite loss or gradient: update skipped")
             m["optim/skipped_updates"] = m.get("optim/skipped_updates", 0.0) + 1
@@ -449,19 +449,20 @@ def _accumulate(agg: dict, parts: dict, weight: float) -> None:
         agg["loss/entropy_reg"] += parts["entropy_reg"].item()
 
 
-def _optimizer_step(optimizer, params, max_grad_norm: float, bad: bool, skip_empty: bool = False) -> tuple[float, bool]:
-    """Clip and step; on a non-finite loss (``bad``) or gradient, zero the gradients and skip.
-    With ``skip_empty``, a gradient of norm exactly 0 takes no step either (AdamW would move the
-    weights by its momentum alone). Returns (gradient norm before clipping, whether the loss and
-    gradient were finite)."""
+def _optimizer_step(optimizer, params, max_grad_norm: float, bad: bool, skip_empty: bool = False) -> tuple[float, str]:
+    """Clip and step, then zero the gradients. A non-finite loss (``bad``) or gradient takes no
+    step, nor, with ``skip_empty``, does a gradient of norm exactly 0 (AdamW would move the
+    weights by its momentum alone). Returns (gradient norm before clipping, status): ``"step"``,
+    ``"empty"`` or ``"nonfinite"``."""
     grad_norm = float("nan")
     if not bad:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
         bad = not math.isfinite(grad_norm)
-    if not bad and not (skip_empty and grad_norm == 0.0):
+    status = "nonfinite" if bad else "empty" if skip_empty and grad_norm == 0.0 else "step"
+    if status == "step":
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, not bad
+    return grad_norm, status
 
 
 def make_optimizer(params, o) -> torch.optim.Optimizer:

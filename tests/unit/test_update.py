@@ -247,19 +247,23 @@ def test_band_rows_contested_gives_the_band_of_the_contested_rows_alone():
     assert ungated.item() > expect.item()  # rows 2-3 do have a band when it is not gated
 
 
-def _adamw_steps(preset, advs, skip, micro=2, behaviour=False, ref_logp=None, **spine):
-    """Consecutive AdamW updates of one model, one per advantage vector; (model, metrics of each)."""
+def _adamw_steps(preset, advs, skip, micro=2, behaviour=False, ref_logp=None, optim=None, **spine):
+    """Consecutive AdamW updates of one model, one per advantage vector; (model, metrics of each,
+    the parameters after each). ``optim``: further OptimConfig overrides."""
     from spine_ttrl.engine.scoring import score_batch
     from spine_ttrl.update import make_optimizer
 
     model = tiny_llama(seed=1).float()
-    cfg = make_config(preset, overrides={"optim": {"micro_batch_size": micro, "lr": 1e-2, "skip_inert_rows": skip},
-                                         "spine": spine})
+    cfg = make_config(preset, overrides={"optim": {"micro_batch_size": micro, "lr": 1e-2, "skip_inert_rows": skip,
+                                                   **(optim or {})}, "spine": spine})
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     ent = score_batch(tiny_llama(seed=1).float(), _batch(), micro, temperature=0.7, chunk_size=512)[1] if behaviour else None
-    ms = [update_on_batch(model, opt, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7, group_size=2,
-                          behaviour_entropy=ent, ref_logp=ref_logp).metrics for adv in advs]
-    return model, ms
+    ms, params = [], []
+    for adv in advs:
+        ms.append(update_on_batch(model, opt, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7, group_size=2,
+                                  behaviour_entropy=ent, ref_logp=ref_logp).metrics)
+        params.append([p.detach().clone() for p in model.parameters()])
+    return model, ms, params
 
 
 @pytest.mark.parametrize("behaviour", [False, True])
@@ -275,8 +279,8 @@ def test_unanimous_questions_skip_their_passes_and_the_update_is_bit_identical(p
     advs = [group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2), contested, torch.zeros(4)]
     # the KL acts on every row: the frozen model's log-probs come from the caller, any (B, T) tensor
     ref = torch.full(_batch()[4].shape, -3.0) if spine.get("kl_coef") else None
-    on, m_on = _adamw_steps(preset, advs, True, behaviour=behaviour, ref_logp=ref, **spine)
-    off, m_off = _adamw_steps(preset, advs, False, behaviour=behaviour, ref_logp=ref, **spine)
+    on, m_on, _ = _adamw_steps(preset, advs, True, behaviour=behaviour, ref_logp=ref, **spine)
+    off, m_off, _ = _adamw_steps(preset, advs, False, behaviour=behaviour, ref_logp=ref, **spine)
     for (n, a), b in zip(on.named_parameters(), off.parameters()):
         assert torch.equal(a, b), n
     assert [m["update/skipped_rows_fraction"] for m in m_on] == [0.0, skipped, 2 * skipped]
@@ -290,29 +294,12 @@ def test_unanimous_questions_skip_their_passes_and_the_update_is_bit_identical(p
         assert a["loss/policy"] == b["loss/policy"] and a["optim/grad_norm"] == b["optim/grad_norm"]
 
 
-def _steps_with(preset, advs, skip_empty, **spine):
-    """Consecutive AdamW updates (lr 1e-2) of one model with ``skip_empty_steps`` set; the
-    parameters after each update and each update's metrics."""
-    from spine_ttrl.update import make_optimizer
-
-    model = tiny_llama(seed=1).float()
-    cfg = make_config(preset, overrides={"optim": {"micro_batch_size": 2, "lr": 1e-2, "skip_empty_steps": skip_empty},
-                                         "spine": spine})
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    params, ms = [], []
-    for adv in advs:
-        ms.append(update_on_batch(model, opt, _batch(), adv, cfg.spine, cfg.optim, temperature=0.7,
-                                  group_size=2).metrics)
-        params.append([p.detach().clone() for p in model.parameters()])
-    return params, ms
-
-
 @pytest.mark.parametrize("preset,spine", [("ttrl", {}), ("spine", {"band_rows": "contested"})])
 def test_skip_empty_steps_leaves_the_weights_alone_on_a_zero_gradient(preset, spine):
     # step 1 contested, step 2 every question unanimous (A = 0 everywhere): the gradient is exactly 0
     advs = [group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2), torch.zeros(4)]
-    on, m_on = _steps_with(preset, advs, True, **spine)
-    off, m_off = _steps_with(preset, advs, False, **spine)
+    _, m_on, on = _adamw_steps(preset, advs, True, optim={"skip_empty_steps": True}, **spine)
+    _, m_off, off = _adamw_steps(preset, advs, True, optim={"skip_empty_steps": False}, **spine)
     assert m_on[1]["optim/grad_norm"] == 0.0 and m_off[1]["optim/grad_norm"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(on[0], off[0]))  # the first step is the same either way
     assert all(torch.equal(a, b) for a, b in zip(on[0], on[1]))   # skipped: nothing moved
@@ -330,7 +317,7 @@ def test_skip_empty_steps_leaves_the_weights_alone_on_a_zero_gradient(preset, sp
 def test_skip_empty_steps_still_steps_when_the_band_acts_on_unanimous_rows():
     # the paper's per-response band acts on every row: with A = 0 everywhere the gradient is the band's
     advs = [group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2), torch.zeros(4)]
-    on, m_on = _steps_with("spine", advs, True, scope="response")
+    _, m_on, on = _adamw_steps("spine", advs, True, optim={"skip_empty_steps": True}, scope="response")
     assert m_on[1]["optim/grad_norm"] > 0 and "optim/skipped_empty_updates" not in m_on[1]
     assert any(not torch.equal(a, b) for a, b in zip(on[0], on[1]))
 
