@@ -89,6 +89,35 @@ def base_config(args, method: str, seed: int, lr: float, out: Path):
     return make_config(method, overrides=overrides)
 
 
+#: The ``spine`` settings that act only through the entropy band: inert in a run without one (TTRL).
+BAND_ONLY = frozenset({"beta_low", "beta_up", "band_low_q", "band_high_q", "band_anchor", "band_rows"})
+
+
+def method_settings_changed(saved: dict, cfg) -> str | None:
+    """Why a run saved with the settings ``saved`` (its ``config.toml``, as a dict) must not be resumed
+    with ``cfg``, or None. The method's settings (the ``spine`` section) and the learning rate must be
+    the run's own: a changed default (β, say) would otherwise continue the run with another method
+    under its old name. A field the saved config lacks (added to the project later) is not compared,
+    nor a setting that has no effect in either (the band's weights when both run without a band)."""
+    from spine_ttrl.config import to_dict
+
+    now, was = to_dict(cfg), saved.get("spine", {})
+    inert = set()  # settings with no effect in both: a band weight without a band, a KL's tokens without a KL
+    if was.get("band") == now["spine"]["band"] == "none":
+        inert |= BAND_ONLY
+    if was.get("kl_coef") == now["spine"]["kl_coef"] == 0:
+        inert.add("kl_tokens")
+    diffs = [f"spine.{k} {was[k]!r} -> {v!r}" for k, v in now["spine"].items()
+             if k in was and k not in inert and was[k] != v]
+    old_lr = saved.get("optim", {}).get("lr")
+    if old_lr is not None and old_lr != now["optim"]["lr"]:
+        diffs.append(f"optim.lr {old_lr!r} -> {now['optim']['lr']!r}")
+    if not diffs:
+        return None
+    return ("its method settings differ from this command's: " + ", ".join(diffs)
+            + " (pass the run's own values with --set, or give the new settings a --variant)")
+
+
 def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
     from spine_ttrl import adapt
 
@@ -101,6 +130,10 @@ def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
         run_dir = Path(args.runs_root).expanduser() / tag_dir.name / name
     cfg = base_config(args, method, seed, lr, run_dir)
     if (run_dir / "config.toml").exists():
+        from spine_ttrl.config import load_toml
+
+        if why := method_settings_changed(load_toml(run_dir / "config.toml"), cfg):
+            raise SystemExit(f"{run_dir}: not resumed: {why}")
         cfg.run.resume, cfg.run.out = str(run_dir), ""
     print(f"== {tag_dir.name}/{name}", flush=True)
     t0 = time.perf_counter()
@@ -217,8 +250,10 @@ def reference_method(record: dict) -> str:
     """The role of a run in the comparisons: its method, or ``"ttrl-switch"`` for a TTRL run whose
     ``--set`` changes a method setting (``spine.…``: a neighbour's single switch such as
     ``spine.reward=leave-one-out``). Plain TTRL runs, and TTRL runs that change only other sections
-    (``model.precision=fp32``: the same method at another precision), are the references."""
-    if record["method"] == "ttrl" and any(str(s).startswith("spine.") for s in record.get("set") or []):
+    (``model.precision=fp32``: the same method at another precision) or settings of the band TTRL
+    does not have (:data:`BAND_ONLY`), are the references."""
+    changed = [str(s).split("=", 1)[0] for s in record.get("set") or [] if str(s).startswith("spine.")]
+    if record["method"] == "ttrl" and any(k.removeprefix("spine.") not in BAND_ONLY for k in changed):
         return "ttrl-switch"
     return record["method"]
 

@@ -180,6 +180,9 @@ def test_ttrl_switches_are_compared_against_ttrl_and_only_precision_variants_are
     assert not [k for k in c if k.endswith(" - ttrl+loo-lr0.0001")]  # a switch is not a reference
     assert quality.reference_method({"method": "ttrl", "set": ["spine.token_weights=steer"]}) == "ttrl-switch"
     assert quality.reference_method({"method": "ttrl", "set": ["model.precision=bf16"]}) == "ttrl"
+    # the band's weights do nothing in TTRL, which has no band: still the reference
+    assert quality.reference_method({"method": "ttrl", "set": ["spine.beta_low=1", "spine.beta_up=1"]}) == "ttrl"
+    assert quality.reference_method({"method": "ttrl", "set": ["spine.beta_up=1", "spine.reward=ttrv"]}) == "ttrl-switch"
     assert quality.reference_method({"method": "spine", "set": ["spine.band=none"]}) == "spine"
 
 
@@ -927,3 +930,43 @@ def test_long_summary_names_the_machines_a_key_trained_on_not_the_reused_base_ev
     row = next(x for x in md.splitlines() if x.startswith("| ttrl-lr0.0001 |"))
     assert row.split(" | ")[3] == "CPU A (amx); CPU B (avx512_bf16)"
     assert next(x for x in md.splitlines() if x.startswith("| spine-lr0.0001 |")).split(" | ")[3] == "–"
+
+
+def test_a_run_is_resumed_only_with_its_own_method_settings(tmp_path):
+    from spine_ttrl.config import load_toml, make_config, to_toml
+
+    def saved(preset, **spine):
+        path = tmp_path / "config.toml"
+        path.write_text(to_toml(make_config(preset, overrides={"spine": spine, "optim": {"lr": 1e-4}})))
+        return load_toml(path)
+
+    def now(preset, lr=1e-4, **spine):
+        return make_config(preset, overrides={"spine": spine, "optim": {"lr": lr}})
+
+    old_spine = saved("spine", beta_low=1.0, beta_up=1.0)
+    why = quality.method_settings_changed(old_spine, now("spine"))  # the default band weight changed since
+    assert "spine.beta_low 1.0 -> 0.1" in why and "spine.beta_up 1.0 -> 0.1" in why
+    assert quality.method_settings_changed(old_spine, now("spine", beta_low=1.0, beta_up=1.0)) is None
+    assert "optim.lr" in quality.method_settings_changed(old_spine, now("spine", lr=3e-4, beta_low=1.0, beta_up=1.0))
+    assert "spine.band_anchor" in quality.method_settings_changed(
+        old_spine, now("spine", beta_low=1.0, beta_up=1.0, band_anchor="first"))
+    # no band in either run: its weights do nothing, so they may differ
+    assert quality.method_settings_changed(saved("ttrl", beta_low=1.0, beta_up=1.0), now("ttrl")) is None
+    assert "spine.band" in quality.method_settings_changed(saved("ttrl"), now("spine"))
+    # a field the saved run does not know (added to the project later) is not compared
+    older = saved("spine")
+    del older["spine"]["band_rows"]
+    assert quality.method_settings_changed(older, now("spine", band_rows="contested")) is None
+
+
+def test_long_refuses_to_resume_a_run_with_other_method_settings(tmp_path):
+    from spine_ttrl.config import make_config, to_toml
+
+    long = _long()
+    run = tmp_path / "spine-lr0.0001-s0"
+    run.mkdir()
+    (run / "config.toml").write_text(to_toml(make_config("spine", overrides={"spine": {"beta_low": 1.0, "beta_up": 1.0}})))
+    with pytest.raises(SystemExit, match="not resumed: .*spine.beta_low 1.0 -> 0.1"):
+        long.resume_or_reuse(make_config("spine"), run, [])
+    same = make_config("spine", overrides={"spine": {"beta_low": 1.0, "beta_up": 1.0}})
+    assert long.resume_or_reuse(same, run, []).run.resume == str(run)

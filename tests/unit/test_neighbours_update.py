@@ -111,7 +111,7 @@ def test_window_signal_picks_the_forking_tokens(setup):
     low, high = BANDS["quantile"](ent, fork, 0.1, 0.5)  # the band: over the forks' own entropies
     n = int(mask.sum())
     _close(delta, _hand(model, batch, lambda lp, h, _: policy_loss(lp, lp.detach(), adv, fork, 0.2, n)[0]
-                        + band_penalty(h, fork, low, high, 1.0, 1.0, n)))
+                        + band_penalty(h, fork, low, high, cfg.spine.beta_low, cfg.spine.beta_up, n)))
 
 
 def test_adaptive_entropy_bonus(setup):

@@ -92,7 +92,11 @@ def _band(preset, H, fork):
     return low, high
 
 
-def _objective(model, ref_model, batch, preset, kl_coef, beta=1.0):
+#: Band weights of these tests: unequal and away from the default, so that each must reach its own side.
+BETA_LOW, BETA_UP = 0.7, 1.3
+
+
+def _objective(model, ref_model, batch, preset, kl_coef, beta_low=BETA_LOW, beta_up=BETA_UP):
     """SPINE's loss (policy + band + λ·KL) and its parts, by hand.
 
     The forking mask and band edges come from behaviour entropies H_b, here those of the
@@ -112,8 +116,8 @@ def _objective(model, ref_model, batch, preset, kl_coef, beta=1.0):
     band = torch.zeros(())
     if preset != "ttrl":
         low, high = _band(preset, H_b, fork)
-        below = torch.relu(low.unsqueeze(1) - H) * beta
-        above = torch.relu(H - high.unsqueeze(1)) * beta
+        below = torch.relu(low.unsqueeze(1) - H) * beta_low
+        above = torch.relu(H - high.unsqueeze(1)) * beta_up
         band = torch.where(fork, below + above, torch.zeros_like(H)).sum() / n_tokens
     kl = torch.zeros(())
     if kl_coef:
@@ -145,7 +149,7 @@ def _check_update_against_objective(preset, kl_coef, micro):
     grads = torch.autograd.grad(loss, list(model.parameters()))
 
     cfg = make_config(preset, overrides={"optim": {"micro_batch_size": micro, "max_grad_norm": 0.0},
-                                         "spine": {"kl_coef": kl_coef}})
+                                         "spine": {"kl_coef": kl_coef, "beta_low": BETA_LOW, "beta_up": BETA_UP}})
     trained = copy.deepcopy(start)
     opt = torch.optim.SGD(list(trained.parameters()), lr=1.0)
     res = update_on_batch(trained, opt, batch, _advantages(REWARDS, 2), cfg.spine, cfg.optim,
@@ -215,7 +219,8 @@ def test_diagnostics_report_each_terms_gradient_and_the_update_size(preset):
     runs = {}
     for diagnostics in (False, True):
         cfg = make_config(preset, overrides={"optim": {"micro_batch_size": 2, "max_grad_norm": 0.0,
-                                                       "diagnostics": diagnostics}, "spine": {"kl_coef": kl_coef}})
+                                                       "diagnostics": diagnostics},
+                                          "spine": {"kl_coef": kl_coef, "beta_low": BETA_LOW, "beta_up": BETA_UP}})
         trained = copy.deepcopy(start)
         res = update_on_batch(trained, torch.optim.SGD(list(trained.parameters()), lr=0.5), batch,
                               _advantages(REWARDS, 2), cfg.spine, cfg.optim, temperature=TEMPERATURE, group_size=2,

@@ -255,7 +255,8 @@ def test_band_anchor_survives_a_checkpoint(tmp_path):
 def test_grpo_row_weights_and_selected_kl_normaliser(tmp_path):
     """grpo: band = Σ_i Σ_t band_it / (|y_i| · B · accum); dapo with kl_tokens=selected: the KL is
     divided by the selected tokens (num_items × selected share), the built-in engine's N_KL."""
-    trainer = make_trainer(tmp_path, loss_type="grpo", selection="top", rho=0.5, band="quantile", kl_coef=0.3)
+    trainer = make_trainer(tmp_path, loss_type="grpo", selection="top", rho=0.5, band="quantile", kl_coef=0.3,
+                           beta_low=0.7, beta_up=1.3)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 2
     inputs = fake_batch(trainer)
@@ -269,7 +270,7 @@ def test_grpo_row_weights_and_selected_kl_normaliser(tmp_path):
         logp, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, T, compute_entropy=True)
         ours = SpineGRPOTrainer._compute_loss(trainer, trainer.model, inputs)
     B, lo, hi, ref = mask.size(0), inputs["spine_band_low"], inputs["spine_band_high"], inputs["ref_per_token_logps"]
-    band = sum(band_penalty(ent[i:i + 1], fork[i:i + 1], lo[i:i + 1], hi[i:i + 1], 1.0, 1.0,
+    band = sum(band_penalty(ent[i:i + 1], fork[i:i + 1], lo[i:i + 1], hi[i:i + 1], 0.7, 1.3,
                             mask[i].sum() * B * 2) for i in range(B))
     kl = sum(kl_penalty(logp[i:i + 1], ref[i:i + 1], fork[i:i + 1],
                         mask[i].sum() * B * 2 * fork.sum() / mask.sum()) for i in range(B))
