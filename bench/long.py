@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import _mean_se, method_settings_changed, paired_bootstrap, parse_sets, run_key  # noqa: E402
+from quality import _mean_se, paired_bootstrap, parse_sets, run_key, saved_config_to_resume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent / "results" / "long"
 RUNS_ROOT = Path("~/.cache/spine-ttrl/bench/long").expanduser()
@@ -187,15 +187,11 @@ def base_evaluation(cfg, tag_dirs: list[Path], run_dir: Path) -> Path | None:
 def resume_or_reuse(cfg, run_dir: Path, search: list[Path]):
     """``cfg`` set to resume ``run_dir`` when it holds a run, else to reuse a matching base evaluation
     found in ``search`` (:func:`base_evaluation`; none searched when empty). A run is resumed only
-    with its own method settings (:func:`quality.method_settings_changed`). A resumed run rewrites
+    with its own method settings (:func:`quality.saved_config_to_resume`). A resumed run rewrites
     its ``config.toml`` from ``cfg``, so the ``eval.before_from`` it was started with is carried over
     (while that directory exists): the saved config keeps saying where its base evaluation came from."""
-    from spine_ttrl.config import load_toml
-
     if (run_dir / "config.toml").exists():
-        saved = load_toml(run_dir / "config.toml")
-        if why := method_settings_changed(saved, cfg):
-            raise SystemExit(f"{run_dir}: not resumed: {why}")
+        saved = saved_config_to_resume(run_dir, cfg)
         cfg.run.resume, cfg.run.out = str(run_dir), ""
         kept = saved.get("eval", {}).get("before_from", "")
         if kept and Path(kept).is_dir():

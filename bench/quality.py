@@ -118,6 +118,17 @@ def method_settings_changed(saved: dict, cfg) -> str | None:
             + " (pass the run's own values with --set, or give the new settings a --variant)")
 
 
+def saved_config_to_resume(run_dir: Path, cfg) -> dict:
+    """The saved settings (``run_dir/config.toml``, as a dict) of a run that ``cfg`` may resume;
+    exits with a one-line message when :func:`method_settings_changed` says it may not."""
+    from spine_ttrl.config import load_toml
+
+    saved = load_toml(run_dir / "config.toml")
+    if why := method_settings_changed(saved, cfg):
+        raise SystemExit(f"{run_dir}: not resumed: {why}")
+    return saved
+
+
 def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
     from spine_ttrl import adapt
 
@@ -130,10 +141,7 @@ def run_one(args, tag_dir: Path, method: str, seed: int, lr: float) -> Path:
         run_dir = Path(args.runs_root).expanduser() / tag_dir.name / name
     cfg = base_config(args, method, seed, lr, run_dir)
     if (run_dir / "config.toml").exists():
-        from spine_ttrl.config import load_toml
-
-        if why := method_settings_changed(load_toml(run_dir / "config.toml"), cfg):
-            raise SystemExit(f"{run_dir}: not resumed: {why}")
+        saved_config_to_resume(run_dir, cfg)
         cfg.run.resume, cfg.run.out = str(run_dir), ""
     print(f"== {tag_dir.name}/{name}", flush=True)
     t0 = time.perf_counter()

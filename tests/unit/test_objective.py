@@ -96,7 +96,7 @@ def _band(preset, H, fork):
 BETA_LOW, BETA_UP = 0.7, 1.3
 
 
-def _objective(model, ref_model, batch, preset, kl_coef, beta_low=BETA_LOW, beta_up=BETA_UP):
+def _objective(model, ref_model, batch, preset, kl_coef):
     """SPINE's loss (policy + band + λ·KL) and its parts, by hand.
 
     The forking mask and band edges come from behaviour entropies H_b, here those of the
@@ -116,8 +116,8 @@ def _objective(model, ref_model, batch, preset, kl_coef, beta_low=BETA_LOW, beta
     band = torch.zeros(())
     if preset != "ttrl":
         low, high = _band(preset, H_b, fork)
-        below = torch.relu(low.unsqueeze(1) - H) * beta_low
-        above = torch.relu(H - high.unsqueeze(1)) * beta_up
+        below = torch.relu(low.unsqueeze(1) - H) * BETA_LOW
+        above = torch.relu(H - high.unsqueeze(1)) * BETA_UP
         band = torch.where(fork, below + above, torch.zeros_like(H)).sum() / n_tokens
     kl = torch.zeros(())
     if kl_coef:

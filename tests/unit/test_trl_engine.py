@@ -270,8 +270,9 @@ def test_grpo_row_weights_and_selected_kl_normaliser(tmp_path):
         logp, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, T, compute_entropy=True)
         ours = SpineGRPOTrainer._compute_loss(trainer, trainer.model, inputs)
     B, lo, hi, ref = mask.size(0), inputs["spine_band_low"], inputs["spine_band_high"], inputs["ref_per_token_logps"]
-    band = sum(band_penalty(ent[i:i + 1], fork[i:i + 1], lo[i:i + 1], hi[i:i + 1], 0.7, 1.3,
-                            mask[i].sum() * B * 2) for i in range(B))
+    betas = trainer.args.beta_low, trainer.args.beta_up
+    band = sum(band_penalty(ent[i:i + 1], fork[i:i + 1], lo[i:i + 1], hi[i:i + 1], *betas, mask[i].sum() * B * 2)
+               for i in range(B))
     kl = sum(kl_penalty(logp[i:i + 1], ref[i:i + 1], fork[i:i + 1],
                         mask[i].sum() * B * 2 * fork.sum() / mask.sum()) for i in range(B))
     torch.testing.assert_close(ours, band + 0.3 * kl, atol=1e-6, rtol=1e-5)
