@@ -265,14 +265,21 @@ def per_episode_means(metrics: list[dict], per_episode: int, key: str) -> list[f
 
 
 def stop_episode(majority: list[float], fork_entropy: list[float], saturation: float = 0.9,
-                 entropy_fraction: float = 0.5) -> int | None:
-    """The label-free stopping rule: the first episode (1-based) whose mean majority share is
-    >= ``saturation`` and whose mean forking-token entropy is below ``entropy_fraction`` × the first
-    episode's; None if it never fires. Uses no labels: only the votes and the entropies."""
-    if not majority or not fork_entropy or not math.isfinite(fork_entropy[0]):
-        return None
-    for e, (r, h) in enumerate(zip(majority, fork_entropy)):
-        if r >= saturation and h < entropy_fraction * fork_entropy[0]:
+                 entropy_fraction: float = 0.5, length: list[float] | None = None,
+                 length_fraction: float = 0.5) -> int | None:
+    """The label-free stopping rule: the first episode (1-based) that shows either sign of collapse,
+
+    - the vote has saturated on narrowed forks: mean majority share >= ``saturation`` and mean
+      forking-token entropy < ``entropy_fraction`` × the first episode's; or
+    - the answers have shrunk: mean sampled length < ``length_fraction`` × the first episode's
+      (``length``, per episode; the collapse monitor's criterion, :func:`spine_ttrl.report.collapse_warnings`).
+
+    None if neither fires. Uses no labels: only the votes, the entropies and the lengths."""
+    for e in range(max(len(majority), len(length or []))):
+        if (e < len(majority) and e < len(fork_entropy) and math.isfinite(fork_entropy[0])
+                and majority[e] >= saturation and fork_entropy[e] < entropy_fraction * fork_entropy[0]):
+            return e + 1
+        if length and math.isfinite(length[0]) and e < len(length) and length[e] < length_fraction * length[0]:
             return e + 1
     return None
 
@@ -376,7 +383,7 @@ def summarise_key(runs: list[dict]) -> dict:
     # (TTRL's selected tokens are all tokens), else the selected tokens'
     top20 = series["entropy/top20_mean"]
     fork_h = top20 if top20 and math.isfinite(top20[0]) else series["entropy/forking_mean"]
-    stop = stop_episode(series["vote/majority_ratio"], fork_h)
+    stop = stop_episode(series["vote/majority_ratio"], fork_h, length=series["completion/length_mean"])
     stop_eval = next((e for e in episodes if stop is not None and e >= stop), None)
     sampled = {}
     for tag in ("before", "after"):

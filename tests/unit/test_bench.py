@@ -452,6 +452,13 @@ def test_long_stop_rule_and_episode_means():
     assert long.stop_episode([0.6, 0.8, 0.95, 0.97, 0.99], [1.0, 0.8, 0.6, 0.45, 0.3]) == 4
     assert long.stop_episode([0.99, 0.99], [1.0, 0.9]) is None  # saturated but entropy kept
     assert long.stop_episode([], []) is None
+    # the length clause: answers below half the first episode's length stop it, whatever the vote
+    assert long.stop_episode([0.6, 0.6, 0.7], [1.0, 1.1, 1.2], length=[250.0, 130.0, 120.0]) == 3
+    assert long.stop_episode([0.6, 0.6], [1.0, 1.1], length=[250.0, 125.0]) is None  # exactly half: not below
+    # whichever clause fires first wins
+    assert long.stop_episode([0.95, 0.95, 0.95], [1.0, 0.4, 0.4], length=[250.0, 240.0, 100.0]) == 2
+    assert long.stop_episode([], [], length=[250.0, 100.0]) == 2
+    assert long.stop_episode([0.99], [float("nan")], length=[float("nan"), 1.0]) is None
     steps = [{"step": 1, "x": 1.0}, {"step": 2, "x": 3.0}, {"step": 3, "x": float("nan")}, {"step": 4, "x": 5.0}]
     assert long.per_episode_means(steps, 2, "x") == [2.0, 5.0]  # NaN left out of episode 2
     assert long.per_episode_means(steps + [{"step": 5, "x": 9.0}], 2, "x") == [2.0, 5.0]  # episode 3 incomplete
