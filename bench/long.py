@@ -275,11 +275,16 @@ def stop_episode(majority: list[float], fork_entropy: list[float], saturation: f
       (``length``, per episode; the collapse monitor's criterion, :func:`spine_ttrl.report.collapse_warnings`).
 
     None if neither fires. Uses no labels: only the votes, the entropies and the lengths."""
-    for e in range(max(len(majority), len(length or []))):
-        if (e < len(majority) and e < len(fork_entropy) and math.isfinite(fork_entropy[0])
-                and majority[e] >= saturation and fork_entropy[e] < entropy_fraction * fork_entropy[0]):
-            return e + 1
-        if length and math.isfinite(length[0]) and e < len(length) and length[e] < length_fraction * length[0]:
+    length = length or []
+
+    def first(series: list[float]) -> float:  # the reference value; NaN (never fires) if unusable
+        return series[0] if series and math.isfinite(series[0]) else math.nan
+
+    h0, l0 = first(fork_entropy), first(length)
+    for e in range(max(len(majority), len(length))):
+        narrowed = e < min(len(majority), len(fork_entropy)) and majority[e] >= saturation \
+            and fork_entropy[e] < entropy_fraction * h0
+        if narrowed or (e < len(length) and length[e] < length_fraction * l0):
             return e + 1
     return None
 
