@@ -100,7 +100,7 @@ class SpineConfig:
     beta_up: float = _f(0.1, "Band weight for forking tokens above the band (pushes entropy down). The paper gives no value; 0.1 as beta_low.")
     band_anchor: str = _f("none", "Where the band edges come from: none = from each response's own forking tokens at every update (the paper); first = pooled over all forking tokens of the first update, then fixed for the run (a SIREN-style anchor, our option: the per-response band keeps half of every response's forks above its median).", ("none", "first"))
     band_rows: str = _f("all", "Which responses the band acts on: all (the paper: also when every advantage is 0, so the band alone moves the model on a step where every rollout agreed) or contested (our option: only responses with a non-zero advantage, i.e. questions whose rollouts disagree; no reward signal, no band).", ("all", "contested"))
-    kl_coef: float = _f(0.0, "Coefficient of the k3 KL to the frozen initial model (0 = off, no reference model kept).")
+    kl_coef: float = _f(0.0, "Coefficient λ_KL of the k3 KL to the frozen initial model (0 = off, no reference model kept). The paper's objective has the term but gives no value; the spine preset sets 0.1, the only setting on the long benchmark's tuning set that kept the forking tokens' entropy (docs/benchmarks/long.md).")
     kl_tokens: str = _f("selected", "Tokens the KL is computed on: the selected (forking) tokens or all completion tokens.", ("selected", "all"))
     token_weights: str = _f("none", "Per-token weights on the policy term: none or steer (STEER: from the first-order entropy-change estimate |A/pi_old x p(1-p)(log p + H)| of each selected token, mapped to [0.8, 1.2], largest change smallest weight; computed once per batch from the behaviour policy, costs one no-grad scoring pass).", ("none", "steer"))
     entropy_reg: str = _f("none", "Entropy regulariser added to the loss: none, anchored (SIREN: entropy_reg_coef x the mean squared gap between the top-p nucleus entropy and its mean at the first update, at the positions above the entropy_reg_quantile of each batch's token entropies; the first update measures the anchor) or adaptive (Skywork-OR1: an entropy bonus -coef x mean token entropy, coef starting at entropy_reg_coef and moved by entropy_coef_delta toward keeping the entropy at entropy_target; applied only while the batch's entropy is at or below the target).", ("none", "anchored", "adaptive"))
@@ -224,7 +224,7 @@ class Config:
 #: Preset overrides, applied over the defaults (section -> field -> value).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "ttrl": {"spine": {"selection": "all", "band": "none", "kl_tokens": "all"}},
-    "spine": {"spine": {"selection": "top", "rho": 0.2, "scope": "batch", "band": "quantile", "band_low_q": 0.1, "band_high_q": 0.5, "kl_tokens": "selected"}},
+    "spine": {"spine": {"selection": "top", "rho": 0.2, "scope": "batch", "band": "quantile", "band_low_q": 0.1, "band_high_q": 0.5, "kl_tokens": "selected", "kl_coef": 0.1}},
     "spine-v2": {"spine": {"selection": "otsu", "band": "mad", "kl_tokens": "selected"}},
     # The neighbours (paper §6): TTRL's all-token loss plus each paper's own switches.
     "ttrv": {"spine": {"selection": "all", "band": "none", "kl_tokens": "all", "reward": "ttrv", "advantage_norm": "batch"}},
