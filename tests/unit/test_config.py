@@ -15,9 +15,9 @@ def test_presets_set_the_method():
     assert (v1.spine.band_low_q, v1.spine.band_high_q) == (0.1, 0.5)
     # the paper's objective with its masked KL to the initial model on; the others keep no reference
     assert (v1.spine.kl_coef, v1.spine.kl_tokens) == (0.1, "selected")
-    assert ttrl.spine.kl_coef == 0.0 and make_config("spine-v2").spine.kl_coef == 0.0
     v2 = make_config("spine-v2")
     assert (v2.spine.selection, v2.spine.band) == ("otsu", "mad")
+    assert ttrl.spine.kl_coef == 0.0 and v2.spine.kl_coef == 0.0
     assert make_config("none").optim.steps == 0
     assert set(PRESETS) == {"ttrl", "spine", "spine-v2", "ttrv", "evol-rl", "ettrl", "siren", "none"}
 
