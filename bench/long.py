@@ -28,6 +28,9 @@ Examples::
     python bench/long.py --tag tune-L5 --summary --reference ttrl-lr0.0001 ttrl+same-machine-lr0.0001
     # ... or with one seed of a key that pools several (a run's name)
     python bench/long.py --tag tune-L5 --summary --reference ttrl-lr0.0001 ttrl-lr0.0001-s0
+    # an evaluation set in blocks (bench/sets.py svamp 16 0 --offset 16: the second block), pooled
+    python bench/long.py --tag svamp16-b1 --model $M --data $(python bench/sets.py svamp 16 0 --offset 16)
+    python bench/long.py --tag svamp64 --pool svamp16-b0 svamp16-b1 svamp16-b2 svamp16-b3
 
 The summary (``summary.md``, ``summary.json``, ``curves.png`` under ``bench/results/long/<tag>/``) reports
 per run key (method, variant, learning rate; its finished seeds averaged, each unfinished seed of a
@@ -412,11 +415,96 @@ def summarise_key(runs: list[dict]) -> dict:
 
 
 def load_tag(tag: str) -> dict[str, list[dict]]:
+    return split_unfinished(_runs_of(tag))
+
+
+def _runs_of(tag: str) -> dict[str, list[dict]]:
+    """Every run synced under ``tag``, by run key (its seeds in name order)."""
     runs: dict[str, list[dict]] = {}
     for d in sorted((ROOT / tag).glob("*-s*")):
         if d.is_dir() and (d / "config.toml").exists():
             runs.setdefault(d.name.rsplit("-s", 1)[0], []).append(load_run(d))
-    return split_unfinished(runs)
+    return runs
+
+
+def pool_runs(blocks: list[str]) -> dict[str, list[dict]]:
+    """The runs of several block tags — the same protocol on disjoint question sets — pooled into
+    one run per key and seed that every block has, as if one run had adapted on all their
+    questions: per-question greedy correctness concatenated (so paired intervals resample all the
+    questions), greedy pass@1 and the sampled avg@k / maj@k recomputed as means over all of them,
+    per-step metrics averaged over the blocks at the steps every block has logged, finished when
+    every block's run is. Keys and seeds missing from a block are left out. Refuses
+    (``SystemExit``) blocks named twice, blocks sharing a question id or a data spec, different
+    models, and different numbers of steps per episode."""
+    if len(set(blocks)) < len(blocks) or len(blocks) < 2:
+        raise SystemExit(f"--pool: name two or more different block tags, got {blocks}")
+    per_block = {b: _runs_of(b) for b in blocks}
+    for b, runs in per_block.items():
+        if not runs:
+            raise SystemExit(f"--pool: no runs under {ROOT / b}")
+    owner: dict[str, str] = {}
+    specs: dict[str, str] = {}
+    models = set()
+    for b, runs in per_block.items():
+        for r in (r for rs in runs.values() for r in rs):
+            spec = r["config"].get("data", {}).get("data")
+            if spec is not None:
+                if specs.get(spec, b) != b:
+                    raise SystemExit(f"--pool: {specs[spec]} and {b} are the same questions ({spec})")
+                specs[spec] = b
+            models.add(str(r["config"].get("model", {}).get("model")))
+            for q in (q for pq in r["per_question"].values() for q in pq):
+                if owner.setdefault(q, b) != b:
+                    raise SystemExit(f"--pool: {owner[q]} and {b} share the question {q}")
+    if len(models) > 1:
+        raise SystemExit(f"--pool: the blocks use different models: {sorted(models)}")
+    pooled: dict[str, list[dict]] = {}
+    for key in [k for k in per_block[blocks[0]] if all(k in per_block[b] for b in blocks)]:
+        by_seed = [{r["name"]: r for r in per_block[b][key]} for b in blocks]
+        for name in [n for n in by_seed[0] if all(n in s for s in by_seed)]:
+            parts = [s[name] for s in by_seed]
+            if len({r["per_episode"] for r in parts}) > 1:
+                raise SystemExit(f"--pool: {name} has different steps per episode in {blocks}")
+            pooled.setdefault(key, []).append(_pool_one(parts))
+    if not pooled:
+        raise SystemExit(f"--pool: no run (key and seed) is in every block of {blocks}")
+    return split_unfinished(pooled)
+
+
+def _pool_one(parts: list[dict]) -> dict:
+    """One run pooled from the same run (key, seed) of each block (see :func:`pool_runs`)."""
+    tags = [t for t in parts[0]["per_question"]
+            if all(t in r["per_question"] and any(e["tag"] == t for e in r["evals"]) for r in parts)]
+    per_q = {t: {q: v for r in parts for q, v in r["per_question"][t].items()} for t in tags}
+    sizes = [len(r["per_question"][tags[0]]) if tags else 1 for r in parts]
+    evals = []
+    for t in tags:
+        lines = [next(e for e in r["evals"] if e["tag"] == t) for r in parts]
+        line = {"tag": t, "step": lines[0]["step"]}
+        machines = sorted({e["machine"] for e in lines if e.get("machine")})
+        if machines:
+            line["machine"] = "; ".join(machines)
+        for k in lines[0]:
+            if k.startswith("eval/") and not k.endswith("_se") and all(isinstance(e.get(k), (int, float)) for e in lines):
+                line[k] = float(np.average([e[k] for e in lines], weights=sizes))
+        line["eval/greedy_pass@1"] = float(np.mean(list(per_q[t].values())))
+        evals.append(line)
+    steps = [{int(m["step"]): m for m in r["metrics"]} for r in parts]
+    metrics = []
+    for step in sorted(set.intersection(*[set(s) for s in steps])):
+        rows = [s[step] for s in steps]
+        row = {"step": step}
+        for k in rows[0]:
+            vals = [m.get(k) for m in rows]
+            if k != "step" and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                finite = [float(v) for v in vals if math.isfinite(v)]
+                row[k] = float(np.mean(finite)) if finite else float("nan")
+        metrics.append(row)
+    return {"config": parts[0]["config"], "metrics": metrics, "evals": evals, "per_question": per_q,
+            "answers": {t: {q: a for r in parts for q, a in r["answers"].get(t, {}).items()} for t in tags},
+            "sources": {q: src for r in parts for q, src in r["sources"].items()},
+            "per_episode": parts[0]["per_episode"], "finished": all(r["finished"] for r in parts),
+            "name": parts[0]["name"], "majorities": [m for r in parts for m in r["majorities"]]}
 
 
 def split_unfinished(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -460,15 +548,17 @@ def questions_for_halfwidth(c: dict | None, questions: int, target: float = 0.03
     return max(1, math.ceil(questions * (h / target) ** 2 - 1e-9))
 
 
-def summary(tag: str, references: list[str] | None = None) -> dict:
+def summary(tag: str, references: list[str] | None = None, pool: list[str] | None = None) -> dict:
     """Summarise every run key of ``tag`` and compare each, at its final and its best episode, with
     the base (its own evaluation before adaptation) and with each reference key: by default the
     plain TTRL key (``ttrl-lr…``); ``references`` names others, e.g. a TTRL re-run on the machine that
     ran the methods it should be compared with. A reference that has not reached a key's episode
     gives no interval there; the key is then also compared with it at the latest episode both have
     evaluated (``vs_<ref>/ep<N>``). A reference may also name one run, ``<key>-s<seed>``: that seed
-    alone, with a row of its own, for comparing with one seed of a key that pools several."""
-    runs = load_tag(tag)
+    alone, with a row of its own, for comparing with one seed of a key that pools several. With
+    ``pool`` (block tags), the runs are those blocks' pooled (:func:`pool_runs`) and the summary is
+    written under ``tag``."""
+    runs = pool_runs(pool) if pool else load_tag(tag)
     if references is None:
         references = [k for k in runs if k.startswith("ttrl-") and not k.endswith("(unfinished)")][:1]
     by_name = {r["name"]: r for rs in runs.values() for r in rs}
@@ -477,7 +567,7 @@ def summary(tag: str, references: list[str] | None = None) -> dict:
     if missing:
         raise SystemExit(f"--reference {' '.join(missing)}: no such run key or run in {tag} (keys: {', '.join(runs)})")
     keys = {k: summarise_key(v) for k, v in runs.items()}
-    out = {"tag": tag, "keys": keys, "comparisons": {}}
+    out = {"tag": tag, "keys": keys, "comparisons": {}, **({"blocks": list(pool)} if pool else {})}
     for k, s in keys.items():
         comp = {}
         for where in ("final", "best"):
@@ -511,6 +601,8 @@ def _ci(c):
 
 def render(out: dict) -> str:
     lines = [f"# Long adaptation: {out['tag']}", "",
+             *([f"Pooled from the blocks {', '.join(out['blocks'])} (disjoint questions; each run key and "
+                f"seed that every block has).", ""] if out.get("blocks") else []),
              "| run key | seeds | done | machine | greedy before | final (ep) | best (ep) | stop rule ep → greedy | "
              "avg before → after | length ep1 → last | majority ep1 → last | fork H ep1 → last | "
              "top-20 % H ep1 → last |",
@@ -645,7 +737,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="run keys every other key is compared with (default: the plain TTRL key, ttrl-lr…); "
                         "a run's name, <key>-s<seed>, compares with that seed alone")
     p.add_argument("--sync", action="store_true", help="only copy the logs of --tag's runs into bench/results")
+    p.add_argument("--pool", nargs="+", default=None, metavar="BLOCK_TAG",
+                   help="only write the summary of these block tags' runs pooled (disjoint question sets, same "
+                        "protocol), under --tag")
     args = p.parse_args(argv)
+    if args.pool:
+        for block in args.pool:
+            for d in sorted((args.runs_root / block).glob("*-s*")):
+                if (d / "config.toml").exists() and not (ROOT / block / d.name / "done").exists():
+                    sync(d, ROOT / block / d.name)
+        print(render(summary(args.tag, args.reference, pool=args.pool)))
+        return 0
     if args.sync or args.summary:
         for d in sorted((args.runs_root / args.tag).glob("*-s*")):
             if (d / "config.toml").exists() and not (ROOT / args.tag / d.name / "done").exists():

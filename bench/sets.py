@@ -1,8 +1,13 @@
 """Real question sets for the benchmarks, read from the shared data folder (never copied into the project).
 
-``materialise(name, n, seed)`` writes the first ``n`` questions of a seeded shuffle of a set to a
-JSONL file under ``~/.cache/spine-ttrl/bench/sets/`` (``prompt``, ``answer``, ``id``, ``source``)
-and returns its path, ready for ``--data``. Sets:
+``materialise(name, n, seed, offset)`` writes ``n`` questions of a seeded shuffle of a set, from
+position ``offset`` on, to a JSONL file under ``~/.cache/spine-ttrl/bench/sets/`` (``prompt``,
+``answer``, ``id``, ``source``) and returns its path, ready for ``--data``; offsets 0, n, 2n, ... of
+one seed give disjoint blocks of one evaluation set. From the shell::
+
+    python bench/sets.py svamp 16 0 --offset 16     # prints the path of SVAMP's second 16-question block
+
+Sets:
 
 - ``gsm8k``: GSM8K test (1,319); the answer is the number after ``####``.
 - ``svamp``: SVAMP (1,000); the prompt is ``Body`` + " " + ``Question`` (the question alone lacks
@@ -71,22 +76,44 @@ def _claims(count: int = 1000, seed: int = 99) -> list[dict]:
     return rows
 
 
-def materialise(name: str, n: int, seed: int = 0) -> Path:
-    """Write ``n`` questions of set ``name`` (seeded shuffle; ``mixed``: n/3 of each) to a JSONL file."""
+def materialise(name: str, n: int, seed: int = 0, offset: int = 0) -> Path:
+    """Write ``n`` questions of set ``name`` (seeded shuffle, from position ``offset`` on; ``mixed``:
+    n/3 of each) to a JSONL file."""
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
     if name == "mixed":
+        if offset:
+            raise ValueError("mixed: blocks (offset) are not supported; materialise each set instead")
         parts = ["gsm8k", "svamp", "math-prealgebra"]
         rows = [r for i, p in enumerate(parts) for r in _pick(load_set(p), n // 3 + (i < n % 3), seed)]
     else:
-        rows = _pick(load_set(name), n, seed)
+        rows = _pick(load_set(name), n, seed, offset)
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{name}-n{n}-s{seed}.jsonl"
+    path = CACHE / f"{name}-n{n}-s{seed}{f'-o{offset}' if offset else ''}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def _pick(rows: list[dict], n: int, seed: int) -> list[dict]:
+def _pick(rows: list[dict], n: int, seed: int, offset: int = 0) -> list[dict]:
     rows = list(rows)
     random.Random(seed).shuffle(rows)
-    if n > len(rows):
-        raise ValueError(f"asked for {n} questions, the set has {len(rows)}")
-    return rows[:n]
+    if offset + n > len(rows):
+        raise ValueError(f"asked for questions {offset}..{offset + n - 1}, the set has {len(rows)}")
+    return rows[offset:offset + n]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write a block of a real question set to a JSONL file; print its path.")
+    p.add_argument("name", choices=SETS)
+    p.add_argument("n", type=int, help="questions in the block")
+    p.add_argument("seed", type=int, nargs="?", default=0, help="seed of the shuffle")
+    p.add_argument("--offset", type=int, default=0, help="position of the block's first question in the shuffle")
+    args = p.parse_args(argv)
+    print(materialise(args.name, args.n, args.seed, args.offset))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

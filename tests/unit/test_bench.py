@@ -551,6 +551,42 @@ def test_long_summary_pools_finished_seeds_and_shows_an_unfinished_one_apart(tmp
     assert "| ttrl-lr0.0001 s1 (unfinished) | 1 | no | – | 0.000 | 0.250 (1) |" in md
 
 
+def test_long_summary_pools_blocks_of_disjoint_questions(tmp_path, monkeypatch):
+    import json
+
+    long = _long()
+    monkeypatch.setattr(long, "ROOT", tmp_path)
+    for b in ("b0", "b1"):
+        (tmp_path / b).mkdir()
+    a, b = ("a0", "a1", "a2", "a3"), ("b0", "b1", "b2", "b3")
+    _fake_run(tmp_path / "b0", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 1, 0]}, ids=a)
+    _fake_run(tmp_path / "b0", "spine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1], 4: [1, 1, 1, 1]}, ids=a)
+    _fake_run(tmp_path / "b1", "ttrl-lr0.0001-s0", {0: [0, 0, 0, 0], 2: [1, 0, 0, 0], 4: [1, 1, 0, 0]}, ids=b)
+    _fake_run(tmp_path / "b1", "spine-lr0.0001-s0", {0: [0, 0, 0, 0], 2: [0, 0, 0, 0], 4: [1, 0, 0, 0]}, ids=b,
+              finished=False)
+    _fake_run(tmp_path / "b1", "siren-lr0.0001-s0", {0: [0, 0, 0, 0]}, ids=b)  # not in b0: left out
+    out = long.summary("pooled", pool=["b0", "b1"])
+    assert out["blocks"] == ["b0", "b1"] and set(out["keys"]) == {"ttrl-lr0.0001", "spine-lr0.0001"}
+    t, s = out["keys"]["ttrl-lr0.0001"], out["keys"]["spine-lr0.0001"]
+    assert t["questions"] == 8 and t["finished"] and not s["finished"]  # one block's spine is unfinished
+    assert t["greedy"] == pytest.approx([1 / 8, 3 / 8, 5 / 8])  # the 8 questions' means
+    assert s["greedy"] == pytest.approx([1 / 8, 4 / 8, 5 / 8])
+    # paired over all 8 questions: spine [1,1,1,1,1,0,0,0] - ttrl [1,1,1,0,1,1,0,0] = 0 at the final episode
+    assert out["comparisons"]["spine-lr0.0001"]["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(0.0)
+    assert out["comparisons"]["spine-lr0.0001"]["vs_base/final"]["diff"] == pytest.approx(4 / 8)
+    assert t["series"]["completion/length_mean"] == pytest.approx([100.0, 100.0])
+    assert "Pooled from the blocks b0, b1" in (tmp_path / "pooled" / "summary.md").read_text()
+    assert json.loads((tmp_path / "pooled" / "summary.json").read_text())["blocks"] == ["b0", "b1"]
+    with pytest.raises(SystemExit, match="share the question a0"):
+        (tmp_path / "b2").mkdir()
+        _fake_run(tmp_path / "b2", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0]}, ids=a)
+        long.summary("pooled", pool=["b0", "b2"])
+    with pytest.raises(SystemExit, match="two or more different"):
+        long.summary("pooled", pool=["b0", "b0"])
+    with pytest.raises(SystemExit, match="no runs under"):
+        long.summary("pooled", pool=["b0", "nothing"])
+
+
 def test_long_summary_compares_with_each_named_reference_where_it_has_the_episode(tmp_path, monkeypatch):
     long, tag = _long_tag(tmp_path, monkeypatch)
     _fake_run(tag, "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 1, 0]})
@@ -614,6 +650,31 @@ def test_real_sets_are_read_from_the_shared_layout(tmp_path, monkeypatch):
     assert sorted(r["source"] for r in rows) == ["gsm8k", "math-prealgebra", "svamp"]
     with pytest.raises(ValueError, match="has 1"):
         sets.materialise("svamp", 2, 0)
+
+
+def test_blocks_of_a_real_set_are_disjoint_and_together_the_seeded_shuffle(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    sets = _load("sets")
+    (tmp_path / "svamp").mkdir()
+    (tmp_path / "svamp" / "SVAMP.json").write_text(json.dumps(
+        [{"ID": f"c{i}", "Body": f"Ann has {i} pens.", "Question": "How many?", "Answer": float(i)} for i in range(10)]))
+    monkeypatch.setattr(sets, "DATA", tmp_path)
+    monkeypatch.setattr(sets, "CACHE", tmp_path / "cache")
+
+    def ids(path):
+        return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    whole = ids(sets.materialise("svamp", 9, 3))
+    blocks = [sets.materialise("svamp", 3, 3, offset) for offset in (0, 3, 6)]
+    assert len({b.name for b in blocks}) == 3  # one file per block
+    assert [i for b in blocks for i in ids(b)] == whole
+    with pytest.raises(ValueError, match="questions 8..10, the set has 10"):
+        sets.materialise("svamp", 3, 3, 8)
+    with pytest.raises(ValueError, match="offset must be >= 0"):
+        sets.materialise("svamp", 3, 3, -1)
+    assert sets.main(["svamp", "3", "3", "--offset", "3"]) == 0
 
 
 def test_claims_are_balanced_yes_no_questions_whose_no_claims_are_wrong(tmp_path, monkeypatch):
