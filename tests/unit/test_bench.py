@@ -585,6 +585,9 @@ def test_long_summary_pools_blocks_of_disjoint_questions(tmp_path, monkeypatch):
         long.summary("pooled", pool=["b0", "b0"])
     with pytest.raises(SystemExit, match="no runs under"):
         long.summary("pooled", pool=["b0", "nothing"])
+    # the command line: --pool writes the pooled summary under --tag (nothing to sync from an empty runs root)
+    assert long.main(["--tag", "cli", "--pool", "b0", "b1", "--runs-root", str(tmp_path / "runs")]) == 0
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["keys"]["ttrl-lr0.0001"]["questions"] == 8
 
 
 def test_long_summary_compares_with_each_named_reference_where_it_has_the_episode(tmp_path, monkeypatch):
