@@ -124,6 +124,13 @@ def sync(run_dir: Path, dest: Path) -> bool:
     return True
 
 
+def sync_tag(runs_root: Path, tag: str) -> None:
+    """:func:`sync` every run of ``tag`` under ``runs_root`` whose synced copy is not marked done."""
+    for d in sorted((runs_root / tag).glob("*-s*")):
+        if (d / "config.toml").exists() and not (ROOT / tag / d.name / "done").exists():
+            sync(d, ROOT / tag / d.name)
+
+
 def majority_trace(samples: list[dict], labels: dict[str, str | None], task: str) -> list[dict]:
     """Each trained question's sampled majority at every step, from ``samples.jsonl`` records
     (``{"step", "questions": [{"id", "answers"}]}``): one row ``{"step", "id", "majority", "votes",
@@ -743,15 +750,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.pool:
         for block in args.pool:
-            for d in sorted((args.runs_root / block).glob("*-s*")):
-                if (d / "config.toml").exists() and not (ROOT / block / d.name / "done").exists():
-                    sync(d, ROOT / block / d.name)
+            sync_tag(args.runs_root, block)
         print(render(summary(args.tag, args.reference, pool=args.pool)))
         return 0
     if args.sync or args.summary:
-        for d in sorted((args.runs_root / args.tag).glob("*-s*")):
-            if (d / "config.toml").exists() and not (ROOT / args.tag / d.name / "done").exists():
-                sync(d, ROOT / args.tag / d.name)
+        sync_tag(args.runs_root, args.tag)
         if args.summary:
             print(render(summary(args.tag, args.reference)))
         return 0

@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("seed", type=int, nargs="?", default=0, help="seed of the shuffle")
     p.add_argument("--offset", type=int, default=0, help="position of the block's first question in the shuffle")
     args = p.parse_args(argv)
-    print(materialise(args.name, args.n, args.seed, args.offset))
+    try:
+        print(materialise(args.name, args.n, args.seed, args.offset))
+    except ValueError as e:
+        p.error(str(e))  # one line on stderr, exit status 2; nothing written
     return 0
 
 

@@ -678,6 +678,9 @@ def test_blocks_of_a_real_set_are_disjoint_and_together_the_seeded_shuffle(tmp_p
     with pytest.raises(ValueError, match="offset must be >= 0"):
         sets.materialise("svamp", 3, 3, -1)
     assert sets.main(["svamp", "3", "3", "--offset", "3"]) == 0
+    with pytest.raises(SystemExit) as bad:  # from the shell: a one-line usage error, no file
+        sets.main(["svamp", "3", "3", "--offset", "9"])
+    assert bad.value.code == 2 and not (tmp_path / "cache" / "svamp-n3-s3-o9.jsonl").exists()
 
 
 def test_claims_are_balanced_yes_no_questions_whose_no_claims_are_wrong(tmp_path, monkeypatch):
