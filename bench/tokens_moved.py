@@ -17,6 +17,11 @@ the ``spine`` preset selects). For the base and for each checkpoint the script r
   mean log-probability: whether a model became less sure of the base's digits (an arithmetic slip in
   a greedy answer is a digit token whose probability fell);
 - the token strings whose fork entropy fell the most in total;
+- how far the weights moved: the displacement ‖ΔW‖ of the adapted weights from the base (the
+  Frobenius norm of the merged LoRA deltas, scale · B·A, over all adapted matrices; for a full
+  fine-tune, of the changed weights), next to the path length Σ‖Δθ‖ of the run's logged steps
+  (``update/weight_change_norm``, in the trained parameters). A run whose steps cancel (an anchor
+  pulling back what the policy term pushed) has a short displacement for its path;
 - against a fixed entropy band [low, high] (by default the anchored band of the first listed run
   that has one, ``band_anchor=first``): the share of each model's *own* forks on the text below and
   above the band, and the token categories of those forks. Below the band the ``spine`` band term
@@ -137,15 +142,45 @@ def anchored_band(dirs: list[Path]) -> tuple[float, float] | None:
     return None
 
 
+def weight_displacement(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> float:
+    """‖W − W₀‖_F over the model's adapted weights: for LoRA layers (PEFT) the merged delta
+    ``get_delta_weight`` (scale · B·A; 0 at initialisation, since B starts at 0), for a full fine-tune the
+    trained parameters against their ``initial`` values."""
+    sq, lora = 0.0, False
+    for module in model.modules():
+        if hasattr(module, "get_delta_weight") and getattr(module, "active_adapters", None):
+            lora = True
+            for name in module.active_adapters:
+                if name in getattr(module, "lora_A", {}):
+                    sq += module.get_delta_weight(name).float().pow(2).sum().item()
+    if not lora:
+        sq = sum((p.detach().float() - initial[n].float()).pow(2).sum().item()
+                 for n, p in model.named_parameters() if n in initial)
+    return math.sqrt(sq)
+
+
+def path_length(run_dir: Path, step: int) -> float | None:
+    """Σ over the run's logged steps ≤ ``step`` of ``update/weight_change_norm`` (None if not logged)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    xs = [m.get("update/weight_change_norm") for m in map(json.loads, path.read_text().splitlines())
+          if m.get("step", 0) <= step]
+    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    return sum(xs) if xs else None
+
+
 def _render(out: dict) -> str:
     lines = [f"# Which tokens moved: {out['tag']}", "",
              f"{out['completions']} base greedy completions, {out['tokens']} tokens, {out['forks']} base forks "
              f"(top 20 %); entropy at temperature {out['temperature']}.", "",
              "| model | step | entropy, all tokens | entropy, base forks | forks below half the base | "
-             "mean log-prob of the text |", "|---|---|---|---|---|---|"]
+             "mean log-prob of the text | weights moved ‖ΔW‖ | path Σ‖Δθ‖ |", "|---|---|---|---|---|---|---|---|"]
+    num = lambda x: "–" if x is None else f"{x:.3f}"
     for name, r in out["models"].items():
         lines.append(f"| {name} | {r['step']} | {r['entropy_all']:.3f} | {r['entropy_forks']:.3f} | "
-                     f"{r['forks_below_half']:.2f} | {r['logp_mean']:.3f} |")
+                     f"{r['forks_below_half']:.2f} | {r['logp_mean']:.3f} | {num(r.get('displacement'))} | "
+                     f"{num(r.get('path'))} |")
     lines += ["", "Base forks by token category: share, then mean entropy base → now:", "",
               "| model | " + " | ".join(CATEGORIES) + " |", "|---|" + "---|" * len(CATEGORIES)]
     for name, r in out["models"].items():
@@ -234,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base_logp, base_h = score_batch(model, batch, 4, temperature=temperature, chunk_size=1024)
     forks = fork_mask(base_h, mask)
-    models = {"base": {"step": 0, **stats(base_h, base_logp)}}
+    models = {"base": {"step": 0, "displacement": 0.0, "path": 0.0, **stats(base_h, base_logp)}}
     for name, d in zip(args.runs, dirs):
         ckpts = list_checkpoints(d)
         if not ckpts:
@@ -244,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         load_trainable_state(model, load_checkpoint(ckpts[-1])["model"])
         logp, h = score_batch(model, batch, 4, temperature=temperature, chunk_size=1024)
         step = int(ckpts[-1].name.split("-")[-1])
-        models[name] = {"step": step, **stats(h, logp)}
+        models[name] = {"step": step, "displacement": weight_displacement(model, initial),
+                        "path": path_length(d, step), **stats(h, logp)}
         print(f"{name} (step {step}): entropy at base forks {models[name]['entropy_forks']:.3f}", flush=True)
     out = {"tag": args.tag, "completions": len(recs), "tokens": int(mask.sum()), "forks": int(forks.sum()),
            "temperature": temperature, "band": band, "models": models}

@@ -835,6 +835,38 @@ def test_tokens_moved_categories_and_fork_statistics():
     assert "| base | 0.50 | 0.50 | 0.00 / 0.00 / 0.00 / 1.00 / 0.00 | 1.00 / 0.00 / 0.00 / 0.00 / 0.00 |" in md
 
 
+def test_tokens_moved_weight_displacement_and_path_length(tmp_path):
+    import json
+
+    import peft
+    import torch
+
+    from tests.tiny_text import tiny_model
+
+    tm = _load("tokens_moved")
+    model = peft.get_peft_model(tiny_model(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert tm.weight_displacement(model, initial) == 0.0  # B starts at 0
+    layers = [m for m in model.modules() if hasattr(m, "get_delta_weight") and "default" in getattr(m, "lora_A", {})]
+    assert layers
+    with torch.no_grad():  # one adapted matrix: A = [[1, 0, …], [0, 1, 0, …]], B[0, 0] = 3 -> ΔW = 2 · 3 at (0, 0)
+        a, b = layers[0].lora_A["default"].weight, layers[0].lora_B["default"].weight
+        a.zero_(); a[0, 0] = 1.0; a[1, 1] = 1.0
+        b[0, 0] = 3.0; b[1, 1] = 4.0  # and ΔW[1, 1] = 2 · 4
+    assert tm.weight_displacement(model, initial) == pytest.approx(10.0)  # 2 · sqrt(3² + 4²)
+    full = tiny_model()  # no adapters: the trained parameters against their initial values
+    init = {n: p.detach().clone() for n, p in full.named_parameters()}
+    with torch.no_grad():
+        next(full.parameters()).view(-1)[0] += 0.6
+        list(full.parameters())[-1].view(-1)[0] -= 0.8
+    assert tm.weight_displacement(full, init) == pytest.approx(1.0, abs=1e-5)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in (
+        {"step": 1, "update/weight_change_norm": 0.5}, {"step": 2}, {"step": 3, "update/weight_change_norm": 0.25},
+        {"step": 4, "update/weight_change_norm": 9.0})) + "\n")
+    assert tm.path_length(tmp_path, 3) == pytest.approx(0.75)  # steps after the checkpoint do not count
+    assert tm.path_length(tmp_path / "missing", 3) is None
+
+
 def test_tokens_moved_reads_the_anchored_band_of_the_first_run_that_has_one(tmp_path):
     import json
 
