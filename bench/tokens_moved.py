@@ -19,8 +19,9 @@ the ``spine`` preset selects). For the base and for each checkpoint the script r
 - the token strings whose fork entropy fell the most in total;
 - how far the weights moved: the displacement ‖ΔW‖ of the adapted weights from the base (the
   Frobenius norm of the merged LoRA deltas, scale · B·A, over all adapted matrices; for a full
-  fine-tune, of the changed weights), next to the path length Σ‖Δθ‖ of the run's logged steps
-  (``update/weight_change_norm``, in the trained parameters). A run whose steps cancel (an anchor
+  fine-tune, of the changed weights), next to the path length Σ‖Δθ‖ of its steps (in the trained
+  parameters; estimated as the number of steps × the mean logged ``update/weight_change_norm``,
+  which ``bench/long.py`` runs log on the first step of every episode). A run whose steps cancel (an anchor
   pulling back what the policy term pushed) has a short displacement for its path;
 - against a fixed entropy band [low, high] (by default the anchored band of the first listed run
   that has one, ``band_anchor=first``): the share of each model's *own* forks on the text below and
@@ -160,14 +161,17 @@ def weight_displacement(model: torch.nn.Module, initial: dict[str, torch.Tensor]
 
 
 def path_length(run_dir: Path, step: int) -> float | None:
-    """Σ over the run's logged steps ≤ ``step`` of ``update/weight_change_norm`` (None if not logged)."""
+    """The path length of the run's first ``step`` steps, Σₛ ‖Δθₛ‖, estimated as ``step`` × the mean
+    ``update/weight_change_norm`` over the steps ≤ ``step`` that logged it (runs log it on every step with
+    ``--diagnostics``, on every k-th with ``--diagnostics-every k``; ``bench/long.py`` on the first step of
+    every episode). None if no step logged it."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
     xs = [m.get("update/weight_change_norm") for m in map(json.loads, path.read_text().splitlines())
           if m.get("step", 0) <= step]
     xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
-    return sum(xs) if xs else None
+    return step * sum(xs) / len(xs) if xs else None
 
 
 def _render(out: dict) -> str:
@@ -175,7 +179,7 @@ def _render(out: dict) -> str:
              f"{out['completions']} base greedy completions, {out['tokens']} tokens, {out['forks']} base forks "
              f"(top 20 %); entropy at temperature {out['temperature']}.", "",
              "| model | step | entropy, all tokens | entropy, base forks | forks below half the base | "
-             "mean log-prob of the text | weights moved ‖ΔW‖ | path Σ‖Δθ‖ |", "|---|---|---|---|---|---|---|---|"]
+             "mean log-prob of the text | weights moved ‖ΔW‖ | path Σ‖Δθ‖ (est.) |", "|---|---|---|---|---|---|---|---|"]
     num = lambda x: "–" if x is None else f"{x:.3f}"
     for name, r in out["models"].items():
         lines.append(f"| {name} | {r['step']} | {r['entropy_all']:.3f} | {r['entropy_forks']:.3f} | "

@@ -863,7 +863,7 @@ def test_tokens_moved_weight_displacement_and_path_length(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in (
         {"step": 1, "update/weight_change_norm": 0.5}, {"step": 2}, {"step": 3, "update/weight_change_norm": 0.25},
         {"step": 4, "update/weight_change_norm": 9.0})) + "\n")
-    assert tm.path_length(tmp_path, 3) == pytest.approx(0.75)  # steps after the checkpoint do not count
+    assert tm.path_length(tmp_path, 3) == pytest.approx(1.125)  # 3 steps × mean(0.5, 0.25); step 4 is later
     assert tm.path_length(tmp_path / "missing", 3) is None
 
 
