@@ -165,10 +165,9 @@ def path_length(run_dir: Path, step: int) -> float | None:
     ``update/weight_change_norm`` over the steps ≤ ``step`` that logged it (runs log it on every step with
     ``--diagnostics``, on every k-th with ``--diagnostics-every k``; ``bench/long.py`` on the first step of
     every episode). None if no step logged it."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None
-    xs = [m.get("update/weight_change_norm") for m in map(json.loads, path.read_text().splitlines())
+    from spine_ttrl.report import read_jsonl  # a running run's cut-short last line is skipped
+
+    xs = [m.get("update/weight_change_norm") for m in read_jsonl(run_dir / "metrics.jsonl")
           if m.get("step", 0) <= step]
     xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
     return step * sum(xs) / len(xs) if xs else None

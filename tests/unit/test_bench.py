@@ -862,7 +862,7 @@ def test_tokens_moved_weight_displacement_and_path_length(tmp_path):
     assert tm.weight_displacement(full, init) == pytest.approx(1.0, abs=1e-5)
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in (
         {"step": 1, "update/weight_change_norm": 0.5}, {"step": 2}, {"step": 3, "update/weight_change_norm": 0.25},
-        {"step": 4, "update/weight_change_norm": 9.0})) + "\n")
+        {"step": 4, "update/weight_change_norm": 9.0})) + "\n" + '{"step": 5, "update/wei')  # a running run's last line
     assert tm.path_length(tmp_path, 3) == pytest.approx(1.125)  # 3 steps × mean(0.5, 0.25); step 4 is later
     assert tm.path_length(tmp_path / "missing", 3) is None
 
