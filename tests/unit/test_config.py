@@ -73,6 +73,40 @@ def test_validation():
         load_toml("/nonexistent/file.toml")
 
 
+@pytest.mark.parametrize("section,field,value,fragment", [
+    ("spine", "beta_low", -0.1, "beta_low, beta_up and kl_coef must be >= 0"),
+    ("spine", "beta_up", -1.0, "beta_low, beta_up and kl_coef must be >= 0"),
+    ("spine", "kl_coef", -0.01, "beta_low, beta_up and kl_coef must be >= 0"),
+    ("spine", "entropy_target", -0.2, "entropy_target must be >= 0"),
+    ("optim", "weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("optim", "adam_beta1", 1.0, "adam_beta1 and adam_beta2 must be in [0, 1)"),
+    ("optim", "adam_beta2", -0.5, "adam_beta1 and adam_beta2 must be in [0, 1)"),
+    ("optim", "warmup_steps", -1, "warmup_steps must be >= 0"),
+    ("optim", "clip_eps", -0.2, "clip_eps must be >= 0"),
+    ("optim", "max_grad_norm", -1.0, "max_grad_norm must be >= 0"),
+    ("optim", "logit_chunk_size", 0, "logit_chunk_size must be >= 1"),
+    ("sampling", "sample_batch_size", 0, "sample_batch_size must be >= 1"),
+    ("data", "limit", -1, "limit must be >= 0"),
+    ("data", "max_prompt_tokens", 0, "max_prompt_tokens must be >= 1"),
+    ("eval", "eval_every", -1, "eval_every, eval_limit and eval_max_new_tokens must be >= 0"),
+    ("eval", "eval_limit", -2, "eval_every, eval_limit and eval_max_new_tokens must be >= 0"),
+    ("eval", "eval_temperature", -0.6, "eval_temperature must be >= 0"),
+    ("eval", "eval_top_p", 0.0, "eval_top_p must be in (0, 1]"),
+    ("run", "threads", -1, "threads and save_every must be >= 0"),
+    ("run", "save_every", -3, "threads and save_every must be >= 0"),
+    ("model", "lora_alpha", 0.0, "lora_alpha must be > 0"),
+    ("model", "lora_dropout", 1.0, "lora_dropout must be in [0, 1)"),
+])
+def test_numeric_ranges_are_validated(section, field, value, fragment):
+    with pytest.raises(ValueError) as exc:
+        make_config("spine", overrides={section: {field: value}})
+    assert str(exc.value).startswith(fragment)
+    # the boundary just inside the range is accepted
+    ok = {"adam_beta1": 0.0, "adam_beta2": 0.0, "eval_top_p": 1.0, "lora_dropout": 0.0, "logit_chunk_size": 1,
+          "sample_batch_size": 1, "max_prompt_tokens": 1, "lora_alpha": 1.0}.get(field, 0)
+    assert getattr(getattr(make_config("spine", overrides={section: {field: ok}}), section), field) == ok
+
+
 def test_cli_flags_generated_with_help():
     p = argparse.ArgumentParser()
     add_config_arguments(p)
