@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spine_ttrl.report import read_jsonl  # noqa: E402
 from quality import _mean_se, paired_bootstrap, parse_sets, run_key, saved_config_to_resume  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent / "results" / "long"
@@ -118,7 +119,7 @@ def sync(run_dir: Path, dest: Path) -> bool:
 
         data = load_toml(run_dir / "config.toml")["data"]
         examples = load_examples(data["data"])
-        trace = majority_trace(_jsonl(run_dir / "samples.jsonl"), {e.id: e.answer for e in examples},
+        trace = majority_trace(read_jsonl(run_dir / "samples.jsonl"), {e.id: e.answer for e in examples},
                                resolve_task(examples, data.get("task", "auto")))
         (dest / MAJORITIES).write_text("".join(json.dumps(r) + "\n" for r in trace))
     return True
@@ -232,19 +233,15 @@ def run_one(args, method: str, seed: int, lr: float, n_questions: int) -> None:
 # ----------------------------------------------------------------------------- analysis
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def load_run(run: Path) -> dict:
     """One run's logs: per-step metrics, evaluations, per-question greedy correctness per evaluation."""
     from spine_ttrl.config import load_toml
 
     cfg = load_toml(run / "config.toml")
     n_q = None
-    evals = _jsonl(run / "eval.jsonl")
+    evals = read_jsonl(run / "eval.jsonl")
     per_q, sources, answers = {}, {}, {}
-    for rec in _jsonl(run / "eval_records.jsonl"):
+    for rec in read_jsonl(run / "eval_records.jsonl"):
         ids = [r["id"] for r in rec["records"]]
         per_q[rec["tag"]] = dict(zip(ids, [float(r.get("greedy_correct", False)) for r in rec["records"]]))
         answers[rec["tag"]] = {r["id"]: {k: r.get(k) for k in ("greedy_answer", "majority", "greedy_length")}
@@ -252,9 +249,9 @@ def load_run(run: Path) -> dict:
         sources.update({r["id"]: r.get("source", "") for r in rec["records"]})
         n_q = len(ids)
     per_episode = episode_steps(n_q or 1, cfg["optim"]["questions_per_step"])
-    return {"config": cfg, "metrics": _jsonl(run / "metrics.jsonl"), "evals": evals, "per_question": per_q,
+    return {"config": cfg, "metrics": read_jsonl(run / "metrics.jsonl"), "evals": evals, "per_question": per_q,
             "answers": answers, "sources": sources, "per_episode": per_episode, "finished": (run / "done").exists(),
-            "name": run.name, "majorities": _jsonl(run / MAJORITIES) if (run / MAJORITIES).exists() else []}
+            "name": run.name, "majorities": read_jsonl(run / MAJORITIES) if (run / MAJORITIES).exists() else []}
 
 
 def episode_of(step: int, per_episode: int) -> float:
