@@ -251,7 +251,7 @@ def load_run(run: Path) -> dict:
     per_episode = episode_steps(n_q or 1, cfg["optim"]["questions_per_step"])
     return {"config": cfg, "metrics": read_jsonl(run / "metrics.jsonl"), "evals": evals, "per_question": per_q,
             "answers": answers, "sources": sources, "per_episode": per_episode, "finished": (run / "done").exists(),
-            "name": run.name, "majorities": read_jsonl(run / MAJORITIES) if (run / MAJORITIES).exists() else []}
+            "name": run.name, "majorities": read_jsonl(run / MAJORITIES)}
 
 
 def episode_of(step: int, per_episode: int) -> float:
