@@ -387,7 +387,7 @@ def summarise_key(runs: list[dict]) -> dict:
               if any(per_episode_means(r["metrics"], pe, k) for r in runs) else []
               for k in ("completion/length_mean", "vote/majority_ratio", "entropy/forking_mean",
                         "entropy/top20_mean", "update/weight_change_norm", "update/kl_new_old", "grad/policy_norm",
-                        "grad/band_norm")}
+                        "grad/band_norm", "vote/label_accuracy")}
     trained = [e for e in episodes if e > 0]
     final = trained[-1] if trained else None  # no "final" before the first evaluation after training
     best = max(trained, key=lambda e: greedy[episodes.index(e)]) if trained else None
@@ -639,10 +639,12 @@ def render(out: dict) -> str:
     for k, s in out["keys"].items():
         lines.append(f"- {k}: " + ", ".join(f"ep{_f(e, 0)} {_f(v)}" for e, v in zip(s["episodes"], s["greedy"])))
     lines += ["", "Per training episode (means over its steps and the seeds): completion length, majority share, "
-              "top-20 % (forking-token) entropy in nats:", ""]
+              "majority right (the share of questions whose training majority is the labelled answer; the label "
+              "is read for this diagnostic only), top-20 % (forking-token) entropy in nats:", ""]
     for k, s in out["keys"].items():
         for name, v, digits in (("length", s["series"].get("completion/length_mean"), 0),
                                 ("majority", s["series"].get("vote/majority_ratio"), 2),
+                                ("majority right", s["series"].get("vote/label_accuracy"), 2),
                                 ("fork H", s.get("fork_entropy"), 2)):
             if v:
                 lines.append(f"- {k}, {name}: " + ", ".join(f"ep{i} {_f(x, digits)}" for i, x in enumerate(v, 1)))

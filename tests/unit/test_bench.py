@@ -466,7 +466,7 @@ def test_long_stop_rule_and_episode_means():
 
 
 def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "q2", "q3"), sources=None,
-              answers=None, finished=True):
+              answers=None, finished=True, label_accuracy=None):
     import json
 
     d = tmp / name
@@ -482,7 +482,8 @@ def _fake_run(tmp, name, greedy_by_step, per_episode_steps=2, ids=("q0", "q1", "
                                  for j, (i, c) in enumerate(zip(ids, correct))]})
     for s in range(1, max(greedy_by_step) + 1):
         metrics.append({"step": s, "vote/majority_ratio": 0.5, "entropy/forking_mean": 1.0,
-                        "completion/length_mean": 100.0})
+                        "completion/length_mean": 100.0,
+                        **({"vote/label_accuracy": label_accuracy[s - 1]} if label_accuracy else {})})
     for fname, rows in (("eval.jsonl", evals), ("eval_records.jsonl", recs), ("metrics.jsonl", metrics)):
         (d / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
@@ -559,9 +560,12 @@ def test_long_summary_pools_blocks_of_disjoint_questions(tmp_path, monkeypatch):
     for b in ("b0", "b1"):
         (tmp_path / b).mkdir()
     a, b = ("a0", "a1", "a2", "a3"), ("b0", "b1", "b2", "b3")
-    _fake_run(tmp_path / "b0", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 1, 0]}, ids=a)
+    # the training majority right on 1, 1 | 2, 2 of each step's 2 questions in b0, 0, 1 | 2, 1 in b1
+    _fake_run(tmp_path / "b0", "ttrl-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 0, 0], 4: [1, 1, 1, 0]}, ids=a,
+              label_accuracy=[0.5, 0.5, 1.0, 1.0])
     _fake_run(tmp_path / "b0", "spine-lr0.0001-s0", {0: [1, 0, 0, 0], 2: [1, 1, 1, 1], 4: [1, 1, 1, 1]}, ids=a)
-    _fake_run(tmp_path / "b1", "ttrl-lr0.0001-s0", {0: [0, 0, 0, 0], 2: [1, 0, 0, 0], 4: [1, 1, 0, 0]}, ids=b)
+    _fake_run(tmp_path / "b1", "ttrl-lr0.0001-s0", {0: [0, 0, 0, 0], 2: [1, 0, 0, 0], 4: [1, 1, 0, 0]}, ids=b,
+              label_accuracy=[0.0, 0.5, 1.0, 0.5])
     _fake_run(tmp_path / "b1", "spine-lr0.0001-s0", {0: [0, 0, 0, 0], 2: [0, 0, 0, 0], 4: [1, 0, 0, 0]}, ids=b,
               finished=False)
     _fake_run(tmp_path / "b1", "siren-lr0.0001-s0", {0: [0, 0, 0, 0]}, ids=b)  # not in b0: left out
@@ -575,7 +579,11 @@ def test_long_summary_pools_blocks_of_disjoint_questions(tmp_path, monkeypatch):
     assert out["comparisons"]["spine-lr0.0001"]["vs_ttrl-lr0.0001/final"]["diff"] == pytest.approx(0.0)
     assert out["comparisons"]["spine-lr0.0001"]["vs_base/final"]["diff"] == pytest.approx(4 / 8)
     assert t["series"]["completion/length_mean"] == pytest.approx([100.0, 100.0])
-    assert "Pooled from the blocks b0, b1" in (tmp_path / "pooled" / "summary.md").read_text()
+    # the training majority right: 3 of the 8 questions in episode 1, 7 of 8 in episode 2
+    assert t["series"]["vote/label_accuracy"] == pytest.approx([3 / 8, 7 / 8])
+    md = (tmp_path / "pooled" / "summary.md").read_text()
+    assert "Pooled from the blocks b0, b1" in md and "- ttrl-lr0.0001, majority right: ep1 0.38, ep2 0.88" in md
+    assert "spine-lr0.0001, majority right" not in md  # not logged: no line
     assert json.loads((tmp_path / "pooled" / "summary.json").read_text())["blocks"] == ["b0", "b1"]
     with pytest.raises(SystemExit, match="share the question a0"):
         (tmp_path / "b2").mkdir()
