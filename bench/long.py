@@ -121,6 +121,7 @@ def sync(run_dir: Path, dest: Path) -> bool:
         examples = load_examples(data["data"])
         trace = majority_trace(read_jsonl(run_dir / "samples.jsonl"), {e.id: e.answer for e in examples},
                                resolve_task(examples, data.get("task", "auto")))
+        trace = [r for r in trace if int(r["step"]) <= here]  # a step being trained has its samples, not its metrics yet  # a step being trained has its samples, not its metrics yet
         (dest / MAJORITIES).write_text("".join(json.dumps(r) + "\n" for r in trace))
     return True
 
@@ -173,6 +174,23 @@ def majority_changes(trace: list[dict], per_episode: int) -> dict[str, dict]:
         else:
             kind = "gained" if right[0] is False else "mixed"
         out[q] = {"label": labels[q], "episodes": seq, "kind": kind}
+    return out
+
+
+def majority_switches(trace: list[dict], per_episode: int) -> list[float]:
+    """Per training episode e, the share of questions whose sampled majority answer differs from the one
+    they had in episode e − 1 (label-free: how far the pseudo-label target moves between visits):
+    ``s_e = |{q : m_q(e) ≠ m_q(e−1)}| / |{q trained in e and e − 1}|``, NaN for the first episode.
+    ``trace`` rows as written to majorities.jsonl (``step``, ``id``, ``majority``); a question's
+    majority in an episode is the one of the last step that trained it there."""
+    by_q: dict[str, dict[int, str]] = {}
+    for r in sorted(trace, key=lambda r: int(r["step"])):
+        by_q.setdefault(r["id"], {})[(int(r["step"]) - 1) // per_episode] = r["majority"]
+    n_ep = 1 + max((e for eps in by_q.values() for e in eps), default=-1)
+    out = []
+    for e in range(n_ep):
+        pairs = [(eps[e - 1], eps[e]) for eps in by_q.values() if e > 0 and e in eps and e - 1 in eps]
+        out.append(sum(a != b for a, b in pairs) / len(pairs) if pairs else float("nan"))
     return out
 
 
@@ -409,13 +427,19 @@ def summarise_key(runs: list[dict]) -> dict:
                  for e in episodes]
     # the hardware the runs trained on (engine.precision.machine_name; a reused "before" line is another run's)
     machines = sorted({e["machine"] for r in runs for e in r["evals"] if e.get("machine") and e.get("tag") != "before"})
+    # the label-free drift of the pseudo-labels, per episode, over the seeds' common episodes
+    sw = [majority_switches(r["majorities"], pe) for r in runs if r["majorities"]]
+    n_sw = min((len(v) for v in sw), default=0)
+    switched = [float(np.mean(col)) if all(map(math.isfinite, col)) else float("nan")
+                for col in zip(*(v[:n_sw] for v in sw))]
     return {"seeds": len(runs), "finished": all(r["finished"] for r in runs), "machines": machines,
             "episodes": episodes, "greedy": greedy,
             "greedy_se": greedy_se,
             "final_episode": final, "best_episode": best, "stop_episode": stop, "stop_eval_episode": stop_eval,
             "series": series, "sampled": sampled, "questions": 0 if before is None else len(before),
             "by_source": source_curves(runs, episodes), "flips_final": flips(runs, final), "fork_entropy": fork_h,
-            "majority_changes": {r["name"]: majority_changes(r["majorities"], pe) for r in runs if r["majorities"]}}
+            "majority_changes": {r["name"]: majority_changes(r["majorities"], pe) for r in runs if r["majorities"]},
+            "majority_switched": switched}
 
 
 def load_tag(tag: str) -> dict[str, list[dict]]:
@@ -640,11 +664,13 @@ def render(out: dict) -> str:
         lines.append(f"- {k}: " + ", ".join(f"ep{_f(e, 0)} {_f(v)}" for e, v in zip(s["episodes"], s["greedy"])))
     lines += ["", "Per training episode (means over its steps and the seeds): completion length, majority share, "
               "majority right (the share of questions whose training majority is the labelled answer; the label "
-              "is read for this diagnostic only), top-20 % (forking-token) entropy in nats:", ""]
+              "is read for this diagnostic only), majority switched (the share of questions whose sampled majority "
+              "answer differs from their previous episode's; label-free), top-20 % (forking-token) entropy in nats:", ""]
     for k, s in out["keys"].items():
         for name, v, digits in (("length", s["series"].get("completion/length_mean"), 0),
                                 ("majority", s["series"].get("vote/majority_ratio"), 2),
                                 ("majority right", s["series"].get("vote/label_accuracy"), 2),
+                                ("majority switched", s.get("majority_switched"), 2),
                                 ("fork H", s.get("fork_entropy"), 2)):
             if v:
                 lines.append(f"- {k}, {name}: " + ", ".join(f"ep{i} {_f(x, digits)}" for i, x in enumerate(v, 1)))

@@ -1,6 +1,7 @@
 """The benchmark scripts' statistics (bench/ is not a package: loaded from its path)."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -991,6 +992,13 @@ def test_long_majority_trace_and_changes_by_hand():
     ch = long.majority_changes(trace, 2)
     assert {q: c["kind"] for q, c in ch.items()} == {"lost": "lost", "gained": "gained", "wrong": "wrong", "mixed": "mixed"}
     assert ch["lost"] == {"label": "Llost", "episodes": [("1", 8, True), ("1", 8, True), ("2", 8, False)], "kind": "lost"}
+    # switched, by hand: episode 2 against 1 — gained 3→4, wrong 5→6, mixed 7→8 of 6 questions trained in
+    # both ("twice" counts its last step's "b" in episode 1, unchanged); episode 3 against 2 — lost 1→2 and
+    # mixed 8→7 of 5 ("twice" is not trained in episode 3, "new" not in episode 2)
+    extra = [row(2, "twice", "b", True), row(1, "twice", "a", True), row(3, "twice", "b", True), row(6, "new", "0", True)]
+    sw = long.majority_switches(trace + extra, 2)
+    assert math.isnan(sw[0]) and sw[1:] == [pytest.approx(3 / 6), pytest.approx(2 / 5)]
+    assert long.majority_switches([], 2) == []
 
 
 def test_long_sync_writes_the_training_majorities_and_the_summary_lists_them(tmp_path, monkeypatch):
@@ -1003,12 +1011,13 @@ def test_long_sync_writes_the_training_majorities_and_the_summary_lists_them(tmp
     run, dest = tmp_path / "run" / "ttrl-lr0.0001-s0", tmp_path / "t" / "ttrl-lr0.0001-s0"
     run.mkdir(parents=True)
     (run / "config.toml").write_text(to_toml(make_config("ttrl", overrides={"data": {"data": "arith:1:2:4"}})))
-    (run / "metrics.jsonl").write_text("")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")  # step 2 is being trained
     ex = load_examples("arith:1:2:4")
     wrong = str(int(ex[0].answer) + 1)
     (run / "samples.jsonl").write_text(json.dumps({"step": 1, "questions": [
         {"id": ex[0].id, "answers": [wrong, wrong, ex[0].answer, None], "texts": ["…"] * 4},
-        {"id": ex[1].id, "answers": [ex[1].answer] * 4, "texts": ["…"] * 4}]}) + "\n")
+        {"id": ex[1].id, "answers": [ex[1].answer] * 4, "texts": ["…"] * 4}]}) + "\n" + json.dumps(
+        {"step": 2, "questions": [{"id": ex[0].id, "answers": [wrong] * 4, "texts": ["…"] * 4}]}) + "\n")
     assert long.sync(run, dest)
     rows = [json.loads(x) for x in (dest / "majorities.jsonl").read_text().splitlines()]
     assert [(r["id"], r["majority"], r["votes"], r["right"]) for r in rows] == [
@@ -1022,6 +1031,7 @@ def test_long_sync_writes_the_training_majorities_and_the_summary_lists_them(tmp
     md = long.render(long.summary("t"))
     assert "- spine-lr0.0001-s0: 1 lost, 0 gained, 0 wrong, 0 mixed" in md
     assert "  - q0 (label 40, lost): 40 (8), 30✗ (5)" in md
+    assert "- spine-lr0.0001, majority switched: ep1 –, ep2 1.00" in md  # 40 in episode 1, 30 in episode 2
 
 
 def test_long_summary_names_the_machines_a_key_trained_on_not_the_reused_base_evaluations(tmp_path, monkeypatch):
