@@ -182,11 +182,12 @@ def majority_switches(trace: list[dict], per_episode: int) -> list[float]:
     they had in episode e − 1 (label-free: how far the pseudo-label target moves between visits):
     ``s_e = |{q : m_q(e) ≠ m_q(e−1)}| / |{q trained in e and e − 1}|``, NaN for the first episode.
     ``trace`` rows as written to majorities.jsonl (``step``, ``id``, ``majority``); a question's
-    majority in an episode is the one of the last step that trained it there."""
+    majority in an episode is the one of the last step that trained it there. As in
+    :func:`per_episode_means`, a trailing episode whose last step is not in the trace is left out."""
     by_q: dict[str, dict[int, str]] = {}
     for r in sorted(trace, key=lambda r: int(r["step"])):
         by_q.setdefault(r["id"], {})[(int(r["step"]) - 1) // per_episode] = r["majority"]
-    n_ep = 1 + max((e for eps in by_q.values() for e in eps), default=-1)
+    n_ep = max((int(r["step"]) for r in trace), default=0) // per_episode
     out = []
     for e in range(n_ep):
         pairs = [(eps[e - 1], eps[e]) for eps in by_q.values() if e > 0 and e in eps and e - 1 in eps]

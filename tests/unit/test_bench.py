@@ -999,6 +999,8 @@ def test_long_majority_trace_and_changes_by_hand():
     sw = long.majority_switches(trace + extra, 2)
     assert math.isnan(sw[0]) and sw[1:] == [pytest.approx(3 / 6), pytest.approx(2 / 5)]
     assert long.majority_switches([], 2) == []
+    # episode 4 has only its first step (7): left out until its last step is in
+    assert len(long.majority_switches(trace + extra + [row(7, "kept", "1", True)], 2)) == 3
 
 
 def test_long_sync_writes_the_training_majorities_and_the_summary_lists_them(tmp_path, monkeypatch):
@@ -1027,7 +1029,7 @@ def test_long_sync_writes_the_training_majorities_and_the_summary_lists_them(tmp
     _fake_run(tmp_path / "t", "spine-lr0.0001-s0", {0: [1, 0, 0, 1], 4: [1, 1, 0, 0]})
     (tmp_path / "t" / "spine-lr0.0001-s0" / "majorities.jsonl").write_text("".join(json.dumps(
         {"step": s, "id": "q0", "majority": m, "votes": v, "of": 8, "label": "40", "right": m == "40"}) + "\n"
-        for s, m, v in ((1, "40", 8), (3, "30", 5))))
+        for s, m, v in ((1, "40", 8), (4, "30", 5))))
     md = long.render(long.summary("t"))
     assert "- spine-lr0.0001-s0: 1 lost, 0 gained, 0 wrong, 0 mixed" in md
     assert "  - q0 (label 40, lost): 40 (8), 30✗ (5)" in md
