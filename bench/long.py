@@ -121,7 +121,7 @@ def sync(run_dir: Path, dest: Path) -> bool:
         examples = load_examples(data["data"])
         trace = majority_trace(read_jsonl(run_dir / "samples.jsonl"), {e.id: e.answer for e in examples},
                                resolve_task(examples, data.get("task", "auto")))
-        trace = [r for r in trace if int(r["step"]) <= here]  # a step being trained has its samples, not its metrics yet  # a step being trained has its samples, not its metrics yet
+        trace = [r for r in trace if int(r["step"]) <= here]  # a step being trained has its samples, not its metrics yet
         (dest / MAJORITIES).write_text("".join(json.dumps(r) + "\n" for r in trace))
     return True
 
