@@ -152,20 +152,24 @@ def majority_trace(samples: list[dict], labels: dict[str, str | None], task: str
     return rows
 
 
+def _majority_by_episode(trace: list[dict], per_episode: int) -> dict[str, dict[int, dict]]:
+    """``{id: {episode: row}}`` from majorities.jsonl rows, episodes 0-based; a question trained more
+    than once in an episode keeps the row of its last step there."""
+    by_q: dict[str, dict[int, dict]] = {}
+    for r in sorted(trace, key=lambda r: int(r["step"])):
+        by_q.setdefault(r["id"], {})[(int(r["step"]) - 1) // per_episode] = r
+    return by_q
+
+
 def majority_changes(trace: list[dict], per_episode: int) -> dict[str, dict]:
     """Per question, its sampled majority per episode (the last step of the episode that trained it):
     ``{id: {"label", "episodes": [(majority, votes, right), ...], "kind"}}`` for the questions whose
     majority was wrong in some episode; ``kind`` is ``lost`` (right in an earlier episode, wrong in
     the last), ``gained`` (wrong earlier, right in the last), ``wrong`` (never right) or ``mixed``
     (right in the last and wrong in between)."""
-    by_q: dict[str, dict[int, tuple]] = {}
-    labels = {}
-    for r in trace:
-        by_q.setdefault(r["id"], {})[(int(r["step"]) - 1) // per_episode] = (r["majority"], r["votes"], r["right"])
-        labels[r["id"]] = r["label"]
     out = {}
-    for q, eps in by_q.items():
-        seq = [eps[e] for e in sorted(eps)]
+    for q, eps in _majority_by_episode(trace, per_episode).items():
+        seq = [(eps[e]["majority"], eps[e]["votes"], eps[e]["right"]) for e in sorted(eps)]
         right = [x[2] for x in seq]
         if all(right) or not any(x is False for x in right):
             continue
@@ -173,7 +177,7 @@ def majority_changes(trace: list[dict], per_episode: int) -> dict[str, dict]:
             kind = "lost" if any(right[:-1]) else "wrong"
         else:
             kind = "gained" if right[0] is False else "mixed"
-        out[q] = {"label": labels[q], "episodes": seq, "kind": kind}
+        out[q] = {"label": eps[max(eps)]["label"], "episodes": seq, "kind": kind}
     return out
 
 
@@ -184,13 +188,12 @@ def majority_switches(trace: list[dict], per_episode: int) -> list[float]:
     ``trace`` rows as written to majorities.jsonl (``step``, ``id``, ``majority``); a question's
     majority in an episode is the one of the last step that trained it there. As in
     :func:`per_episode_means`, a trailing episode whose last step is not in the trace is left out."""
-    by_q: dict[str, dict[int, str]] = {}
-    for r in sorted(trace, key=lambda r: int(r["step"])):
-        by_q.setdefault(r["id"], {})[(int(r["step"]) - 1) // per_episode] = r["majority"]
+    by_q = _majority_by_episode(trace, per_episode)
     n_ep = max((int(r["step"]) for r in trace), default=0) // per_episode
     out = []
     for e in range(n_ep):
-        pairs = [(eps[e - 1], eps[e]) for eps in by_q.values() if e > 0 and e in eps and e - 1 in eps]
+        pairs = [(eps[e - 1]["majority"], eps[e]["majority"]) for eps in by_q.values()
+                 if e > 0 and e in eps and e - 1 in eps]
         out.append(sum(a != b for a, b in pairs) / len(pairs) if pairs else float("nan"))
     return out
 
